@@ -1,0 +1,44 @@
+# vaultgemma-hf developer commands. `make demo` and `make test` each set up what they need first.
+PYTHON ?= python
+# The CPU build of torch is what CI and these machines use; on a GPU machine: make install TORCH_SPEC=torch
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,convert,plot
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test quality style demo docs bench fixtures clean
+
+install:
+	$(PYTHON) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PYTHON) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+
+test: install
+	$(PYTHON) -m pytest tests -q -p no:cacheprovider --timeout 900
+
+quality:
+	$(PYTHON) -m ruff check src tests utils benchmarks examples
+	$(PYTHON) -m ruff format --check src tests utils benchmarks examples
+
+style:
+	$(PYTHON) -m ruff check --fix src tests utils benchmarks examples
+	$(PYTHON) -m ruff format src tests utils benchmarks examples
+
+# The main job on the embedded default: DP continued pretraining of the tiny VaultGemma on the tiny corpus,
+# then generation with the result. Everything is local; nothing is downloaded.
+demo: install
+	$(PYTHON) examples/demo.py --output-dir outputs/demo
+
+docs:
+	$(PYTHON) utils/check_docs.py docs/source/en
+
+bench: install
+	$(PYTHON) benchmarks/inference.py --shape tiny --device cpu
+	$(PYTHON) benchmarks/dp_step.py --shape tiny --device cpu
+	$(PYTHON) benchmarks/planner.py
+
+fixtures:
+	$(PYTHON) utils/make_fixtures.py
+
+clean:
+	rm -rf outputs build dist src/*.egg-info .pytest_cache .ruff_cache

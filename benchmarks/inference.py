@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Inference speed: vaultgemma_hf's VaultGemma vs transformers' built-in, same weights, same process and run.
+
+Measures prefill tokens/s (no grad), eager decode tokens/s at batch 1 and 16 (dynamic cache, `generate`), and
+compiled static-cache decode: our `CompiledGreedyDecoder` recipe vs transformers' own
+`generate(cache_implementation="static")` (which compiles itself on GPU). Prints a markdown table with the
+ratios ours / built-in.
+
+    python benchmarks/inference.py --shape 1b --device cuda              # the H100 numbers in the docs
+    python benchmarks/inference.py --shape tiny --device cpu --no-compile  # a quick CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM  # noqa: E402
+from vaultgemma_hf.generation import CompiledGreedyDecoder  # noqa: E402
+
+from _common import config_kwargs, hardware, markdown_table, timed  # noqa: E402
+
+
+def build_models(shape: str, device: torch.device, dtype: torch.dtype):
+    kwargs = config_kwargs(shape)
+    torch.manual_seed(0)
+    with device:
+        ours = VaultGemmaForCausalLM(VaultGemmaConfig(**kwargs, attn_implementation="sdpa")).to(dtype).eval()
+        # The built-in refuses SDPA; eager is its default path for this model.
+        ref = (
+            transformers.VaultGemmaForCausalLM(transformers.VaultGemmaConfig(**kwargs, attn_implementation="eager"))
+            .to(dtype)
+            .eval()
+        )
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=("tiny", "small", "1b"), default="tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="bf16 on GPU, fp32 on CPU.")
+    parser.add_argument("--prefill-batch", type=int, default=8)
+    parser.add_argument("--prefill-len", type=int, default=1024)
+    parser.add_argument("--decode-batches", default="1,16")
+    parser.add_argument("--prompt-len", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-compile", action="store_true", help="Skip the compiled static-cache rows.")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    ours, ref = build_models(args.shape, device, dtype)
+    vocab = ours.config.vocab_size
+    rows = []
+
+    prefill = torch.randint(3, vocab, (args.prefill_batch, args.prefill_len), device=device)
+    times = {}
+    for name, model in (("ours", ours), ("built-in", ref)):
+        with torch.inference_mode():
+            times[name] = timed(
+                lambda m=model: m(prefill, use_cache=False, logits_to_keep=1),
+                device,
+                repeats=args.repeats,
+                warmup=args.warmup,
+            )
+    tokens = prefill.numel()
+    rows.append(
+        [
+            f"prefill {args.prefill_batch}x{args.prefill_len} (ours sdpa, built-in eager)",
+            f"{tokens / times['ours']:,.0f}",
+            f"{tokens / times['built-in']:,.0f}",
+            f"{times['built-in'] / times['ours']:.2f}x",
+        ]
+    )
+
+    for batch in (int(b) for b in args.decode_batches.split(",")):
+        prompt = torch.randint(3, vocab, (batch, args.prompt_len), device=device)
+        gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+        for name, model in (("ours", ours), ("built-in", ref)):
+            times[name] = timed(
+                lambda m=model, p=prompt, g=gen: m.generate(p, **g),
+                device,
+                repeats=max(1, args.repeats // 2),
+                warmup=1,
+            )
+        new = batch * args.new_tokens
+        rows.append(
+            [
+                f"decode batch {batch}, eager, dynamic cache",
+                f"{new / times['ours']:,.1f}",
+                f"{new / times['built-in']:,.1f}",
+                f"{times['built-in'] / times['ours']:.2f}x",
+            ]
+        )
+        if args.no_compile:
+            continue
+        decoder = CompiledGreedyDecoder(ours, max_cache_len=args.prompt_len + args.new_tokens)
+        start = time.perf_counter()
+        decoder.generate(prompt, args.new_tokens)  # compiles
+        first_ours = time.perf_counter() - start
+        times["ours"] = timed(lambda d=decoder, p=prompt: d.generate(p, args.new_tokens), device, repeats=3, warmup=1)
+        static = dict(gen, cache_implementation="static")
+        start = time.perf_counter()
+        ref.generate(prompt, **static)  # transformers compiles its static path itself on GPU
+        first_ref = time.perf_counter() - start
+        times["built-in"] = timed(lambda p=prompt, g=static: ref.generate(p, **g), device, repeats=3, warmup=1)
+        rows.append(
+            [
+                f"decode batch {batch}, static cache + compile (first call ours {first_ours:.0f} s, built-in {first_ref:.0f} s)",
+                f"{new / times['ours']:,.1f}",
+                f"{new / times['built-in']:,.1f}",
+                f"{times['built-in'] / times['ours']:.2f}x",
+            ]
+        )
+
+    print(
+        f"\nVaultGemma inference, shape={args.shape}, dtype={dtype}, {hardware(device)}, transformers "
+        f"{transformers.__version__}\n"
+    )
+    print(markdown_table(["measure", "ours tok/s", "built-in tok/s", "ours / built-in"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

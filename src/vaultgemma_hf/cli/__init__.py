@@ -1,0 +1,1 @@
+"""Command-line interface of vaultgemma-hf (`vaultgemma-hf COMMAND ...`)."""

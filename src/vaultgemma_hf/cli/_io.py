@@ -1,0 +1,38 @@
+"""Small I/O helpers shared by the sub-commands: atomic text output."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike | None) -> Iterator[TextIO]:
+    """Yields a text stream: stdout when `path` is None or "-", else a temp file renamed onto `path` on success.
+
+    On any exception the temp file is removed, so a failed command leaves nothing partial at `path`.
+    """
+    if path is None or str(path) == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(f"output path {target} is a directory; give a file path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as stream:
+            yield stream
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

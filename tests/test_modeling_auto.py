@@ -1,0 +1,153 @@
+"""Auto* registration policy, trust_remote_code export, the text-generation pipeline."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+import vaultgemma_hf
+from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel
+
+from conftest import tiny_config_kwargs
+
+SRC = str(Path(vaultgemma_hf.__file__).resolve().parents[1])
+
+
+def run_python(code: str, *, with_package: bool = True) -> str:
+    """Runs code in a fresh interpreter (registration is global state); returns stdout, fails on error."""
+    env_path = SRC if with_package else ""
+    prelude = "import sys, os\nos.environ['HF_HUB_OFFLINE'] = '1'\n"
+    if with_package:
+        prelude += f"sys.path.insert(0, {env_path!r})\n"
+    else:  # an environment where vaultgemma_hf is not importable at all
+        prelude += textwrap.dedent(
+            """
+            import importlib.abc
+            class _Block(importlib.abc.MetaPathFinder):
+                def find_spec(self, name, path=None, target=None):
+                    if name == "vaultgemma_hf" or name.startswith("vaultgemma_hf."):
+                        raise ModuleNotFoundError(name)
+            sys.meta_path.insert(0, _Block())
+            """
+        )
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def save_tiny(path: Path, cls=VaultGemmaForCausalLM) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config_cls = VaultGemmaConfig if cls is VaultGemmaForCausalLM else transformers.VaultGemmaConfig
+    model = cls(config_cls(**tiny_config_kwargs())).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def test_builtin_present_auto_keeps_builtin_and_our_config_maps_to_ours(tmp_path):
+    assert vaultgemma_hf.AUTO_CLASSES_RESOLVE_TO == "transformers"
+    save_tiny(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert type(config) is transformers.VaultGemmaConfig
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is transformers.VaultGemmaForCausalLM
+    assert type(AutoModelForCausalLM.from_config(VaultGemmaConfig(**tiny_config_kwargs()))) is VaultGemmaForCausalLM
+    assert type(AutoModel.from_config(VaultGemmaConfig(**tiny_config_kwargs()))) is VaultGemmaModel
+
+
+def test_override_makes_auto_resolve_to_ours(tmp_path):
+    save_tiny(tmp_path)
+    out = run_python(
+        f"""
+        os.environ["VAULTGEMMA_HF_OVERRIDE_AUTO"] = "1"
+        import vaultgemma_hf
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        print(vaultgemma_hf.AUTO_CLASSES_RESOLVE_TO)
+        print(type(AutoConfig.from_pretrained({str(tmp_path)!r})).__module__)
+        print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})).__module__)
+        print(type(AutoModel.from_pretrained({str(tmp_path)!r})).__module__)
+        """
+    ).split()
+    assert out[0] == "vaultgemma_hf"
+    assert all(module.startswith("vaultgemma_hf.models.vaultgemma") for module in out[1:]), out
+
+
+def test_builtin_absent_registers_ours(tmp_path):
+    save_tiny(tmp_path)
+    out = run_python(
+        f"""
+        from transformers.models.auto import configuration_auto
+        del configuration_auto.CONFIG_MAPPING_NAMES["vaultgemma"]  # simulate a transformers without VaultGemma
+        import vaultgemma_hf
+        from transformers import AutoConfig, AutoModelForCausalLM
+        print(vaultgemma_hf.AUTO_CLASSES_RESOLVE_TO)
+        print(type(AutoConfig.from_pretrained({str(tmp_path)!r})).__module__)
+        print(type(AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})).__module__)
+        """
+    ).split()
+    assert out[0] == "vaultgemma_hf"
+    assert all(module.startswith("vaultgemma_hf.models.vaultgemma") for module in out[1:]), out
+
+
+def test_trust_remote_code_without_the_package(tmp_path):
+    model = save_tiny(tmp_path)
+    assert (tmp_path / "modeling_vaultgemma.py").is_file() and (tmp_path / "configuration_vaultgemma.py").is_file()
+    ids = torch.randint(3, 97, (1, 7))
+    with torch.no_grad():
+        expected = model(ids).logits
+    torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")  # test data only, our own file
+    out = run_python(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        data = torch.load({str(tmp_path / "expected.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            diff = (model(data["ids"]).logits - data["logits"]).abs().max().item()
+        print(type(model).__module__, diff)
+        """,
+        with_package=False,
+    ).split()
+    assert out[0].startswith("transformers_modules"), out
+    assert float(out[1]) <= 1e-5
+
+
+def test_seq2seq_auto_class_points_to_causal_lm(tmp_path):
+    save_tiny(tmp_path)
+    with pytest.raises(ValueError, match="decoder-only causal language model.*AutoModelForCausalLM"):
+        AutoModelForSeq2SeqLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="pipeline\\('text-generation'"):
+        AutoModelForSeq2SeqLM.from_config(VaultGemmaConfig(**tiny_config_kwargs()))
+
+
+def test_text_generation_pipeline_matches_generate(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = VaultGemmaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    prompt = "Patient Alex reported"
+    ids = tokenizer(prompt, return_tensors="pt")
+    expected = tokenizer.decode(
+        model.generate(**ids, max_new_tokens=10, do_sample=False)[0, ids.input_ids.shape[1] :],
+        skip_special_tokens=True,
+    )
+    for generator in (
+        pipeline("text-generation", model=model, tokenizer=tokenizer),
+        pipeline("text-generation", model=str(tiny_model_dir)),
+    ):
+        result = generator(prompt, max_new_tokens=10, do_sample=False, return_full_text=False)
+        assert result[0]["generated_text"] == expected
+
+
+def test_fixture_is_a_fresh_build():
+    """The committed tiny checkpoint is what utils/make_fixtures.py produces from the current code."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, str(root / "utils" / "make_fixtures.py"), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
