@@ -17,7 +17,7 @@ install_requires = [
 ]
 
 extras = {
-    "convert": ["orbax-checkpoint>=0.6", "jax>=0.4.30"],
+    "convert": ["orbax-checkpoint>=0.11", "jax>=0.4.30", "ml_dtypes>=0.5"],
     "peft": ["peft>=0.13"],
     "plot": ["matplotlib>=3.8"],
     "bench": ["opacus>=1.5"],

@@ -1,0 +1,140 @@
+"""Reading and writing JAX-layout parameters: Orbax checkpoint directories and flat `.npz` files.
+
+Orbax is optional (`pip install 'vaultgemma-hf[convert]'`) and imported only when an Orbax checkpoint is read or
+written. `.npz` files hold the flattened tree with '/'-joined keys (e.g. `transformer/layer_0/attn/q_einsum/w`);
+bfloat16 arrays are stored as raw 2-byte records (`|V2`), which is what numpy itself writes for
+`ml_dtypes.bfloat16`, and read back as bfloat16.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ORBAX_HINT, ConversionError, MissingDependencyError
+from .layout import flatten_tree, normalize_jax_keys, unflatten_tree
+from .tensors import numpy_to_torch, torch_to_numpy
+
+ORBAX_MARKERS = (
+    "_METADATA",
+    "_CHECKPOINT_METADATA",
+    "manifest.ocdbt",
+    "checkpoint",
+    "_sharding",
+    "commit_success.txt",
+)
+"""Files found at the top of an Orbax (PyTree) checkpoint directory."""
+
+
+def import_orbax():
+    """Imports `orbax.checkpoint`, or raises `MissingDependencyError` saying how to install it."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as err:
+        raise MissingDependencyError(ORBAX_HINT) from err
+    return ocp
+
+
+def is_orbax_dir(path: str | os.PathLike) -> bool:
+    """True for a directory that looks like an Orbax PyTree checkpoint."""
+    path = Path(path)
+    return path.is_dir() and any((path / marker).exists() for marker in ORBAX_MARKERS)
+
+
+def is_npz(path: str | os.PathLike) -> bool:
+    """True for an existing `.npz` (zip) file."""
+    path = Path(path)
+    return path.is_file() and path.suffix == ".npz" and zipfile.is_zipfile(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# .npz
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Reads a flat `.npz` of the parameter tree (no pickle) into `{normalised key: tensor}`."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            flat = {key: numpy_to_torch(data[key]) for key in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ConversionError(f"cannot read {path} as a .npz file: {err}") from err
+    return normalize_jax_keys(flat)
+
+
+def write_npz(params: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Writes `{key: tensor}` to an uncompressed `.npz` at exactly `path` (numpy would otherwise add `.npz`)."""
+    arrays = {key: torch_to_numpy(value, bfloat16="void") for key, value in params.items()}
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Orbax
+
+
+def _metadata_tree(checkpointer, path: Path):
+    metadata = checkpointer.metadata(path)
+    metadata = getattr(metadata, "item_metadata", metadata)  # orbax >= 0.9 wraps the tree in StepMetadata
+    return getattr(metadata, "tree", metadata)
+
+
+def read_orbax(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Restores an Orbax PyTree checkpoint as host numpy arrays and returns `{normalised key: tensor}`.
+
+    Both the nested tree (`{'transformer': {'layer_0': ...}}`) and the flat tree of the released gemma
+    checkpoints (`{'transformer/layer_0/attn/q_einsum': {'w': ...}}`) are accepted.
+    """
+    ocp = import_orbax()
+    import jax
+
+    path = Path(path).absolute()
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        meta = _metadata_tree(checkpointer, path)
+        restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+        tree = checkpointer.restore(path, restore_args=restore_args)
+    except Exception as err:  # orbax raises many types; report them as one clear error
+        raise ConversionError(
+            f"cannot restore {path} as an Orbax PyTree checkpoint ({type(err).__name__}: {err}). If this is a "
+            "CheckpointManager directory, point to one step's item, e.g. <dir>/<step>/default"
+        ) from err
+    if not isinstance(tree, Mapping):
+        raise ConversionError(f"{path}: the checkpoint holds a {type(tree).__name__}, not a parameter dict")
+    flat = flatten_tree(tree)
+    return normalize_jax_keys({key: numpy_to_torch(value) for key, value in flat.items()})
+
+
+def write_orbax(params: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Saves `{'a/b/c': tensor}` as the nested tree `{'a': {'b': {'c': array}}}` in an Orbax PyTree checkpoint
+    at `path` (which must not exist yet)."""
+    ocp = import_orbax()
+    tree = unflatten_tree({key: torch_to_numpy(value) for key, value in params.items()})
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save(Path(path).absolute(), tree)
+    wait = getattr(checkpointer, "wait_until_finished", None)
+    if wait is not None:
+        wait()
+
+
+def read_jax(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """Reads a JAX-layout checkpoint (Orbax directory or `.npz`); returns the params and `"orbax"`/`"npz"`."""
+    if is_npz(path):
+        return read_npz(path), "npz"
+    if is_orbax_dir(path):
+        return read_orbax(path), "orbax"
+    raise ConversionError(f"{path} is neither a .npz file nor an Orbax checkpoint directory")
+
+
+def write_jax(params: Mapping[str, torch.Tensor], path: str | os.PathLike, fmt: str) -> None:
+    """Writes JAX-layout params as `fmt` (`"orbax"` or `"npz"`) at `path`."""
+    if fmt == "npz":
+        write_npz(params, path)
+    elif fmt == "orbax":
+        write_orbax(params, path)
+    else:
+        raise ConversionError(f"unknown JAX output format {fmt!r} (orbax or npz)")
