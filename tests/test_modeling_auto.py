@@ -151,3 +151,12 @@ def test_fixture_is_a_fresh_build():
         [sys.executable, str(root / "utils" / "make_fixtures.py"), "--check"], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_top_level_exports_resolve():
+    for name in vaultgemma_hf.__all__:
+        assert getattr(vaultgemma_hf, name) is not None, name
+    from vaultgemma_hf import DPTrainer, DPTrainingArguments
+
+    assert issubclass(DPTrainer, transformers.Trainer)
+    assert issubclass(DPTrainingArguments, transformers.TrainingArguments)

@@ -21,9 +21,17 @@ _LAZY = {
     "DPTrainer": "vaultgemma_hf.trainer",
     "DPTrainingArguments": "vaultgemma_hf.trainer",
     "DPGradientEngine": "vaultgemma_hf.dp.engine",
+    "UnsupportedModuleError": "vaultgemma_hf.dp.engine",
     "PrivacyAccountant": "vaultgemma_hf.dp.accounting",
     "compute_epsilon": "vaultgemma_hf.dp.accounting",
     "calibrate_noise_multiplier": "vaultgemma_hf.dp.accounting",
+    "pack_documents": "vaultgemma_hf.data",
+    "PackedDataset": "vaultgemma_hf.data",
+    "DataCollatorForPackedSequences": "vaultgemma_hf.data",
+    "convert_checkpoint": "vaultgemma_hf.conversion",
+    "merge_lora": "vaultgemma_hf.conversion",
+    "ConversionError": "vaultgemma_hf.conversion",
+    "CompiledGreedyDecoder": "vaultgemma_hf.generation",
 }
 
 __all__ = [
@@ -33,12 +41,20 @@ __all__ = [
     "VaultGemmaModel",
     "VaultGemmaPreTrainedModel",
     "register_auto_classes",
+    "CompiledGreedyDecoder",
+    "ConversionError",
+    "DPGradientEngine",
     "DPTrainer",
     "DPTrainingArguments",
-    "DPGradientEngine",
+    "DataCollatorForPackedSequences",
+    "PackedDataset",
     "PrivacyAccountant",
-    "compute_epsilon",
+    "UnsupportedModuleError",
     "calibrate_noise_multiplier",
+    "compute_epsilon",
+    "convert_checkpoint",
+    "merge_lora",
+    "pack_documents",
 ]
 
 
@@ -51,6 +67,9 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .conversion import ConversionError, convert_checkpoint, merge_lora
+    from .data import DataCollatorForPackedSequences, PackedDataset, pack_documents
     from .dp.accounting import PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
-    from .dp.engine import DPGradientEngine
+    from .dp.engine import DPGradientEngine, UnsupportedModuleError
+    from .generation import CompiledGreedyDecoder
     from .trainer import DPTrainer, DPTrainingArguments
