@@ -67,6 +67,28 @@ def timed(fn: Callable[[], object], device: torch.device, *, repeats: int, warmu
     return statistics.median(times)
 
 
+def timed_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, *, repeats: int, warmup: int
+) -> dict[str, float]:
+    """Median wall time of each function, the functions alternating run by run.
+
+    Alternating (A B A B ...) rather than timing A then B keeps slow drifts of a shared machine (other processes,
+    thermal state, allocator warm-up) from biasing the ratio.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    synchronize(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM  # noqa: E402
 from vaultgemma_hf.generation import CompiledGreedyDecoder  # noqa: E402
 
-from _common import config_kwargs, hardware, markdown_table, timed  # noqa: E402
+from _common import config_kwargs, hardware, markdown_table, timed_interleaved  # noqa: E402
 
 
 def build_models(shape: str, device: torch.device, dtype: torch.dtype):
@@ -60,19 +60,18 @@ def main() -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     ours, ref = build_models(args.shape, device, dtype)
+    models = {"ours": ours, "built-in": ref}
     vocab = ours.config.vocab_size
     rows = []
 
     prefill = torch.randint(3, vocab, (args.prefill_batch, args.prefill_len), device=device)
-    times = {}
-    for name, model in (("ours", ours), ("built-in", ref)):
-        with torch.inference_mode():
-            times[name] = timed(
-                lambda m=model: m(prefill, use_cache=False, logits_to_keep=1),
-                device,
-                repeats=args.repeats,
-                warmup=args.warmup,
-            )
+    with torch.inference_mode():
+        times = timed_interleaved(
+            {name: (lambda m=model: m(prefill, use_cache=False, logits_to_keep=1)) for name, model in models.items()},
+            device,
+            repeats=args.repeats,
+            warmup=args.warmup,
+        )
     tokens = prefill.numel()
     rows.append(
         [
@@ -86,13 +85,12 @@ def main() -> int:
     for batch in (int(b) for b in args.decode_batches.split(",")):
         prompt = torch.randint(3, vocab, (batch, args.prompt_len), device=device)
         gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-        for name, model in (("ours", ours), ("built-in", ref)):
-            times[name] = timed(
-                lambda m=model, p=prompt, g=gen: m.generate(p, **g),
-                device,
-                repeats=max(1, args.repeats // 2),
-                warmup=1,
-            )
+        times = timed_interleaved(
+            {name: (lambda m=model, p=prompt, g=gen: m.generate(p, **g)) for name, model in models.items()},
+            device,
+            repeats=args.repeats,
+            warmup=1,
+        )
         new = batch * args.new_tokens
         rows.append(
             [
@@ -108,12 +106,19 @@ def main() -> int:
         start = time.perf_counter()
         decoder.generate(prompt, args.new_tokens)  # compiles
         first_ours = time.perf_counter() - start
-        times["ours"] = timed(lambda d=decoder, p=prompt: d.generate(p, args.new_tokens), device, repeats=3, warmup=1)
         static = dict(gen, cache_implementation="static")
         start = time.perf_counter()
         ref.generate(prompt, **static)  # transformers compiles its static path itself on GPU
         first_ref = time.perf_counter() - start
-        times["built-in"] = timed(lambda p=prompt, g=static: ref.generate(p, **g), device, repeats=3, warmup=1)
+        times = timed_interleaved(
+            {
+                "ours": lambda d=decoder, p=prompt: d.generate(p, args.new_tokens),
+                "built-in": lambda p=prompt, g=static: ref.generate(p, **g),
+            },
+            device,
+            repeats=args.repeats,
+            warmup=1,
+        )
         rows.append(
             [
                 f"decode batch {batch}, static cache + compile (first call ours {first_ours:.0f} s, built-in {first_ref:.0f} s)",

@@ -503,8 +503,9 @@ def _search(
 
     Safeguarded secant on (log σ, log ε): each step evaluates the predicted σ where ε = ``aim`` (inside the
     window), starting at ``guess``. Where the window is missed from close by (ε steep in σ, or with
-    discretisation steps) it evaluates σ·(1 - tol) instead, which settles the second condition exactly.
-    Bisection takes over whenever interpolation leaves the bracket or stalls.
+    discretisation steps), or the bracket is narrower than ``tol``, it evaluates σ·(1 - tol) below the best σ,
+    which settles the second condition exactly (without assuming ε monotone: PLD discretisation makes it
+    slightly irregular). Bisection takes over whenever interpolation leaves the bracket or stalls.
 
     Raises:
         UnreachableEpsilonError: If ε > target still at :data:`MAX_NOISE_MULTIPLIER`.
@@ -515,6 +516,7 @@ def _search(
     hi: tuple[float, float] | None = None  # (log σ, ε) of the smallest σ seen with ε <= target
     last: list[tuple[float, float]] = []  # (log σ, log ε) of the two latest finite, positive evaluations
     widths: list[float] = []
+    above_target: set[float] = set()  # log σ of the evaluations with ε > target
     near_misses = 0
     expand = -log_shrink / 2  # least move while unbracketed; doubles each time (guards against bad slopes)
     x = min(max(math.log(guess), log_min), log_max)
@@ -522,14 +524,15 @@ def _search(
         eps = evaluate(math.exp(x))
         if eps > target:
             lo = (x, eps) if lo is None or x > lo[0] else lo
+            above_target.add(x)
         else:
             hi = (x, eps) if hi is None or x < hi[0] else hi
         if 0.0 < eps < math.inf:
             last = [*last[-1:], (x, math.log(eps))]
         x_aim, measured = _predict_root(lo, hi, last, log_aim, slope)
         if hi is not None and (
-            hi[1] >= target * (1.0 - tolerance) or (lo is not None and lo[0] >= hi[0] + log_shrink) or hi[0] <= log_min
-        ):
+            hi[1] >= target * (1.0 - tolerance) or hi[0] + log_shrink in above_target or hi[0] <= log_min
+        ):  # ε(σ) in the window, or ε(σ·(1 - tol)) > target evaluated exactly (ε need not be monotone)
             return _SearchResult(math.exp(hi[0]), hi[1], math.exp(x_aim), measured, count)
         if lo is not None and lo[0] >= log_max:
             raise UnreachableEpsilonError(
@@ -539,12 +542,17 @@ def _search(
                 best_epsilon=lo[1],
             )
         near_misses += abs(x - x_aim) <= -log_shrink
+        confirm = hi is not None and (
+            (lo is not None and lo[0] >= hi[0] + log_shrink)  # bracket narrower than tol
+            or (near_misses >= 2 and x_aim >= hi[0] + log_shrink)  # the ε window keeps being missed from close by
+        )
+        if confirm:
+            x = hi[0] + log_shrink  # settle the second condition: evaluate σ·(1 - tol) exactly
+            continue
         if eps == math.inf:
             x_new = x + math.log(2.0)
         elif eps <= 0.0:
             x_new = x - math.log(2.0)
-        elif near_misses >= 2 and hi is not None and x_aim >= hi[0] + log_shrink:
-            x_new = hi[0] + log_shrink  # the window is narrow here: check σ·(1 - tol) below the best σ exactly
         else:
             x_new = min(max(x_aim, x - math.log(4.0)), x + math.log(4.0))
         if lo is not None and hi is not None:
