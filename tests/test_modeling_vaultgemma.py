@@ -265,3 +265,13 @@ def test_base_model_outputs_and_attentions():
         assert torch.allclose(out.last_hidden_state, hidden, atol=ATOL)
         as_tuple = ours(ids, return_dict=False)
         assert torch.equal(as_tuple[0], ours(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["released_like", "sliding_softcap"])
+def test_flex_attention_matches_builtin_eager(name):
+    ours, ref = make_pair(PARITY_CONFIGS[name])
+    ours.set_attn_implementation("flex_attention")
+    assert ours.config._attn_implementation == "flex_attention"
+    ids = torch.randint(3, 97, (2, 10))
+    with torch.no_grad():
+        assert (ours(ids).logits - ref(ids).logits).abs().max() <= ATOL
