@@ -22,6 +22,8 @@ from torch import nn
 
 from vaultgemma_hf.dp.engine import DPGradientEngine, UnsupportedModuleError
 
+from conftest import tiny_config_kwargs
+
 try:  # our model classes (same parameter names); the built-in one is always tested
     from vaultgemma_hf import VaultGemmaConfig as OurConfig
     from vaultgemma_hf import VaultGemmaForCausalLM as OurModel
@@ -34,22 +36,7 @@ MODEL_KINDS = ["transformers"] + (["vaultgemma_hf"] if OurModel is not None else
 
 
 def make_model(kind: str = "transformers", seed: int = 0, **overrides) -> nn.Module:
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=8,
-        query_pre_attn_scalar=8,
-        layer_types=["full_attention"] * 2,
-        attn_logit_softcapping=None,
-        final_logit_softcapping=None,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        pad_token_id=0,
-    )
+    kwargs = tiny_config_kwargs(vocab_size=VOCAB, pad_token_id=0)
     kwargs.update(overrides)
     torch.manual_seed(seed)
     if kind == "transformers":
