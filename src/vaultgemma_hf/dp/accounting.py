@@ -503,9 +503,9 @@ def _search(
 
     Safeguarded secant on (log σ, log ε): each step evaluates the predicted σ where ε = ``aim`` (inside the
     window), starting at ``guess``. Where the window is missed from close by (ε steep in σ, or with
-    discretisation steps), or the bracket is narrower than ``tol``, it evaluates σ·(1 - tol) below the best σ,
-    which settles the second condition exactly (without assuming ε monotone: PLD discretisation makes it
-    slightly irregular). Bisection takes over whenever interpolation leaves the bracket or stalls.
+    discretisation steps), it evaluates σ·(1 - tol) below the best σ instead, which settles the second condition
+    exactly (without assuming ε monotone: PLD discretisation makes it slightly irregular). Bisection takes over
+    whenever interpolation leaves the bracket or stalls.
 
     Raises:
         UnreachableEpsilonError: If ε > target still at :data:`MAX_NOISE_MULTIPLIER`.
@@ -517,10 +517,12 @@ def _search(
     last: list[tuple[float, float]] = []  # (log σ, log ε) of the two latest finite, positive evaluations
     widths: list[float] = []
     above_target: set[float] = set()  # log σ of the evaluations with ε > target
-    near_misses = 0
-    expand = -log_shrink / 2  # least move while unbracketed; doubles each time (guards against bad slopes)
+    steps_seen = False  # evidence that ε has discretisation steps here, so the ε window may not exist
+    expand = -log_shrink / 8  # least move while unbracketed; doubles each time (guards against bad slopes)
     x = min(max(math.log(guess), log_min), log_max)
     for count in range(1, max_evaluations + 1):
+        # aimed from both sides of a bracket narrower than 2·tol: a smooth ε would land in the window
+        narrow = lo is not None and hi is not None and hi[0] - lo[0] <= -2 * log_shrink
         eps = evaluate(math.exp(x))
         if eps > target:
             lo = (x, eps) if lo is None or x > lo[0] else lo
@@ -531,8 +533,10 @@ def _search(
             last = [*last[-1:], (x, math.log(eps))]
         x_aim, measured = _predict_root(lo, hi, last, log_aim, slope)
         if hi is not None and (
-            hi[1] >= target * (1.0 - tolerance) or hi[0] + log_shrink in above_target or hi[0] <= log_min
-        ):  # ε(σ) in the window, or ε(σ·(1 - tol)) > target evaluated exactly (ε need not be monotone)
+            hi[1] >= target * (1.0 - tolerance)
+            or (steps_seen and hi[0] + log_shrink in above_target)  # ε(σ·(1 - tol)) > target, evaluated exactly
+            or hi[0] <= log_min
+        ):
             return _SearchResult(math.exp(hi[0]), hi[1], math.exp(x_aim), measured, count)
         if lo is not None and lo[0] >= log_max:
             raise UnreachableEpsilonError(
@@ -541,13 +545,12 @@ def _search(
                 target_epsilon=target,
                 best_epsilon=lo[1],
             )
-        near_misses += abs(x - x_aim) <= -log_shrink
-        confirm = hi is not None and (
-            (lo is not None and lo[0] >= hi[0] + log_shrink)  # bracket narrower than tol
-            or (near_misses >= 2 and x_aim >= hi[0] + log_shrink)  # the ε window keeps being missed from close by
-        )
-        if confirm:
-            x = hi[0] + log_shrink  # settle the second condition: evaluate σ·(1 - tol) exactly
+        # A miss from a narrow bracket, or ε larger at a larger σ, means ε has steps here: the window may not
+        # exist, so settle for σ within tol of the smallest one (ε(σ·(1 - tol)) > target, checked exactly).
+        inverted = lo is not None and hi is not None and lo[0] >= hi[0]
+        steps_seen = steps_seen or narrow or inverted
+        if steps_seen and hi is not None and (inverted or x_aim >= hi[0] + log_shrink):
+            x = hi[0] + log_shrink  # σ·(1 - tol) below the best σ: its ε settles the second condition
             continue
         if eps == math.inf:
             x_new = x + math.log(2.0)
@@ -555,15 +558,18 @@ def _search(
             x_new = x - math.log(2.0)
         else:
             x_new = min(max(x_aim, x - math.log(4.0)), x + math.log(4.0))
-        if lo is not None and hi is not None:
+        if lo is not None and hi is not None and lo[0] < hi[0]:
             width = hi[0] - lo[0]
             widths.append(width)
             stalled = len(widths) >= 3 and width > 0.5 * widths[-3]
             if stalled or not lo[0] < x_new < hi[0]:
                 x_new = 0.5 * (lo[0] + hi[0])
                 widths.clear()
-        else:
-            x_new = max(x_new, lo[0] + expand) if lo is not None else min(x_new, hi[0] - expand)
+        elif lo is not None and hi is None:
+            x_new = max(x_new, lo[0] + expand)
+            expand *= 2.0
+        elif hi is not None and lo is None:
+            x_new = min(x_new, hi[0] - expand)
             expand *= 2.0
         x = min(max(x_new, log_min), log_max)
     if hi is None:  # pragma: no cover - needs > 40 doublings, impossible between the σ limits

@@ -75,7 +75,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike) -> Path:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 5.5), dpi=120)
     try:
         sizes = sorted({row.logical_batch_size for row in plan.rows})
         colors = plt.cm.viridis([i / max(len(sizes) - 1, 1) for i in range(len(sizes))])
@@ -123,7 +123,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike) -> Path:
             f"N = {plan.dataset_size:,} sequences of {plan.seq_len}"
         )
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside the axes: never hides data
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png")
