@@ -28,9 +28,21 @@ def build_model() -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    from conftest import tiny_config_kwargs  # tests/ is this script's directory, so it is on sys.path
-
-    config = transformers.VaultGemmaConfig(**tiny_config_kwargs())
+    config = transformers.VaultGemmaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        layer_types=["full_attention"] * 2,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     return transformers.VaultGemmaForCausalLM(config)
 
 
@@ -101,6 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         save_file(update, os.path.join(args.out, f"update_sigma{sigma}_rank{rank}.safetensors"))
         with open(os.path.join(args.out, f"summary_sigma{sigma}_rank{rank}.json"), "w") as handle:
             json.dump(summary, handle)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # clean gloo teardown: no abort at interpreter exit
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
 
 
