@@ -4,7 +4,8 @@ For each scenario it times `plan_budget` (20 configurations, calibration in `--w
 re-calibrates every row from scratch with `dp_accounting`'s own `calibrate_dp_mechanism` (PLD accountant at its
 default precision, Brent's method to a relative σ tolerance of 1e-5) and reports:
 
-- the wall time of the planner (and its calibration part),
+- the wall time of the planner (and its calibration part), and of the whole `vaultgemma-hf plan` command
+  (imports included) for the same scenario,
 - the maximum relative ε error |ε(σ_planner) - ε(σ_reference)| / ε(σ_reference),
 - how many rows pass the brief's acceptance test (ε <= target and ε >= target·0.99, or ε(0.99σ) > target).
 
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -29,7 +32,7 @@ from dp_accounting import mechanism_calibration, pld
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from vaultgemma_hf.dp.accounting import dp_accounting_version  # noqa: E402
+from vaultgemma_hf.dp.accounting import DEFAULT_PLD_DISCRETIZATION, dp_accounting_version  # noqa: E402
 from vaultgemma_hf.planning import plan_budget  # noqa: E402
 
 SCENARIOS = {
@@ -90,21 +93,36 @@ def check_row(args: tuple) -> dict:
     )
 
 
+def cli_seconds(kwargs: dict, workers: int) -> float:
+    """Wall time of the equivalent `vaultgemma-hf plan` command in a fresh interpreter (imports included)."""
+    flags = {"target_epsilon": "--epsilon", "target_delta": "--delta", "dataset_size": "--dataset-size"}
+    argv = [sys.executable, "-m", "vaultgemma_hf.cli.main", "plan", "--quiet", "--workers", str(workers)]
+    for key, value in kwargs.items():
+        argv += [flags.get(key, "--" + key.replace("_", "-")), str(value)]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([*argv, "--json", os.path.join(tmp, "plan.json")], check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
 def run(name: str, workers: int, skip_reference: bool) -> None:
     kwargs = SCENARIOS[name]
     start = time.perf_counter()
     plan = plan_budget(**kwargs, workers=workers)
     wall = time.perf_counter() - start
     print(f"\n## {name}: {kwargs}")
+    refined = sum(r.pld_discretization != plan.pld_discretization for r in plan.rows)
     print(
         f"{len(plan.rows)} rows in {wall:.2f} s wall (calibration {plan.calibration_seconds:.2f} s, "
-        f"{workers} worker process(es))"
+        f"{workers} worker process(es)); ε at PLD discretisation {plan.pld_discretization:g}, {refined} row(s) "
+        f"refined to {DEFAULT_PLD_DISCRETIZATION:g}"
     )
+    print(f"`vaultgemma-hf plan` end to end: {cli_seconds(kwargs, workers):.2f} s wall")
     if skip_reference:
         for row in plan.rows:
             print(
                 f"  B={row.logical_batch_size:>9,} T={row.steps:>7,} q={row.sampling_rate:.3g} "
-                f"σ={row.noise_multiplier:.5f} ε={row.epsilon:.5f}"
+                f"σ={row.noise_multiplier:.5f} ε={row.epsilon:.5f} (PLD {row.pld_discretization:g})"
             )
         return
     jobs = [(plan.target_epsilon, r.sampling_rate, r.steps, r.delta, r.noise_multiplier) for r in plan.rows]

@@ -22,8 +22,8 @@ from vaultgemma_hf.dp.accounting import (
 )
 
 
-def pld_epsilon(event: dp_accounting.DpEvent, delta: float) -> float:
-    accountant = pld.PLDAccountant()  # dp_accounting's defaults (discretisation 1e-4)
+def pld_epsilon(event: dp_accounting.DpEvent, delta: float, **kwargs) -> float:
+    accountant = pld.PLDAccountant(**kwargs)  # dp_accounting's defaults (discretisation 1e-4) unless given
     accountant.compose(event)
     return accountant.get_epsilon(delta)
 
@@ -188,6 +188,20 @@ def test_calibration_for_small_noise_uses_coarse_prediction_and_stays_exact():
     assert result.coarse_evaluations > 0
     assert result.noise_multiplier < 1.0
     assert_calibrated(result.noise_multiplier, lambda s: pld_epsilon(poisson_event(s, q, steps), delta), target)
+
+
+def test_calibration_at_a_coarser_pld_precision_reports_that_precision():
+    target, q, steps, delta = 8.0, 0.02, 40, 1e-5
+    result = calibrate_noise(target, q, steps, delta, pld_discretization=1e-3)
+    assert result.pld_discretization == 1e-3
+    coarse = lambda s: pld_epsilon(poisson_event(s, q, steps), delta, value_discretization_interval=1e-3)  # noqa: E731
+    assert result.epsilon == coarse(result.noise_multiplier)
+    assert_calibrated(result.noise_multiplier, coarse, target)
+    # The coarser interval is an upper bound on the finer one here (nested grids), close to it.
+    fine = pld_epsilon(poisson_event(result.noise_multiplier, q, steps), delta)
+    assert target * 0.98 <= fine <= result.epsilon
+    with pytest.raises(ValueError, match="pld_discretization"):
+        calibrate_noise(target, q, steps, delta, pld_discretization=0.0)
 
 
 def test_calibration_with_rdp_truncated_and_shuffle():

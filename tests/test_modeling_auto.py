@@ -79,6 +79,29 @@ def test_override_makes_auto_resolve_to_ours(tmp_path):
     assert all(module.startswith("vaultgemma_hf.models.vaultgemma") for module in out[1:]), out
 
 
+def test_import_is_light_and_registration_follows_the_model_classes(tmp_path):
+    # `import vaultgemma_hf` defers the registration only where it changes no lookup: torch is not imported
+    # until a model class is, and importing one registers exactly as an eager import would.
+    save_tiny(tmp_path)
+    out = run_python(
+        f"""
+        import vaultgemma_hf
+        print("torch" in sys.modules, "transformers" in sys.modules)
+        from vaultgemma_hf.models.auto import OVERRIDE_ENV
+        print(OVERRIDE_ENV == vaultgemma_hf._OVERRIDE_ENV)
+        from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
+        print(vaultgemma_hf.AUTO_CLASSES_RESOLVE_TO)
+        print(type(AutoModelForCausalLM.from_config(VaultGemmaConfig(**{tiny_config_kwargs()!r}))).__module__)
+        print(type(AutoConfig.from_pretrained({str(tmp_path)!r})).__module__)
+        """
+    ).split()
+    assert out[:3] == ["False", "False", "True"], out
+    assert out[3] == "transformers"
+    assert out[4].startswith("vaultgemma_hf.models.vaultgemma"), out
+    assert out[5].startswith("transformers.models.vaultgemma"), out
+
+
 def test_builtin_absent_registers_ours(tmp_path):
     save_tiny(tmp_path)
     out = run_python(

@@ -1,23 +1,47 @@
 """vaultgemma-hf: VaultGemma as a first-class transformers model, with DP-SGD continued pretraining.
 
-Importing the package registers VaultGemma with transformers' Auto classes (see `vaultgemma_hf.models.auto` for
-the exact policy). Training, DP and planning names are imported lazily so that `import vaultgemma_hf` stays light.
+VaultGemma is registered with transformers' Auto classes (policy in `vaultgemma_hf.models.auto`) whenever the
+model classes are imported. `import vaultgemma_hf` itself stays light (no torch import, so `vaultgemma-hf plan`
+or `env` start in a second) when that changes nothing: when transformers is not imported yet, ships its own
+"vaultgemma" and no override is asked for, every Auto lookup resolves the same with or without our registration
+until one of our classes is imported, and importing any of them (or reading `AUTO_CLASSES_RESOLVE_TO`)
+registers. In every other case (override requested, transformers without a built-in, or transformers already
+imported) the import registers at once. All names below are imported on first access.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from typing import TYPE_CHECKING, Any
-
-from .models.auto import register_auto_classes
-from .models.vaultgemma import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel, VaultGemmaPreTrainedModel
 
 __version__ = "0.1.0.dev0"
 
-AUTO_CLASSES_RESOLVE_TO = register_auto_classes()
+_OVERRIDE_ENV = "VAULTGEMMA_HF_OVERRIDE_AUTO"  # same name as vaultgemma_hf.models.auto.OVERRIDE_ENV (tested)
+
+
+def _registration_can_wait() -> bool:
+    """True when deferring the Auto registration to the first import of our model classes changes no lookup."""
+    if os.environ.get(_OVERRIDE_ENV, "").strip().lower() in {"1", "true", "yes"} or "transformers" in sys.modules:
+        return False
+    spec = importlib.util.find_spec("transformers")  # locates the package without importing it
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    return any(os.path.isfile(os.path.join(loc, "models", "vaultgemma", "__init__.py")) for loc in locations)
+
+
+if not _registration_can_wait():
+    importlib.import_module("vaultgemma_hf.models")  # registers (see vaultgemma_hf/models/__init__.py)
 
 # name -> module that defines it; imported on first access.
 _LAZY = {
+    "AUTO_CLASSES_RESOLVE_TO": "vaultgemma_hf.models",
+    "VaultGemmaConfig": "vaultgemma_hf.models",
+    "VaultGemmaForCausalLM": "vaultgemma_hf.models",
+    "VaultGemmaModel": "vaultgemma_hf.models",
+    "VaultGemmaPreTrainedModel": "vaultgemma_hf.models",
+    "register_auto_classes": "vaultgemma_hf.models.auto",
     "DPTrainer": "vaultgemma_hf.trainer",
     "DPTrainingArguments": "vaultgemma_hf.trainer",
     "DPGradientEngine": "vaultgemma_hf.dp.engine",
@@ -72,4 +96,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .dp.accounting import PrivacyAccountant, calibrate_noise_multiplier, compute_epsilon
     from .dp.engine import DPGradientEngine, UnsupportedModuleError
     from .generation import CompiledGreedyDecoder
+    from .models import AUTO_CLASSES_RESOLVE_TO
+    from .models.auto import register_auto_classes
+    from .models.vaultgemma import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel, VaultGemmaPreTrainedModel
     from .trainer import DPTrainer, DPTrainingArguments

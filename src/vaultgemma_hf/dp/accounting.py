@@ -73,6 +73,7 @@ class NoiseCalibration:
         evaluations: Number of ε evaluations at the reporting precision.
         coarse_evaluations: Number of cheaper (coarse PLD) evaluations used to predict σ.
         slope: d log ε / d log σ measured near the answer (a warm start for similar configurations), or None.
+        pld_discretization: The PLD value discretisation interval of ``epsilon`` (PLD accountant only).
     """
 
     noise_multiplier: float
@@ -80,6 +81,7 @@ class NoiseCalibration:
     evaluations: int
     coarse_evaluations: int
     slope: float | None = None
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION
 
 
 def dp_accounting_version() -> str:
@@ -407,18 +409,18 @@ def _approximate_slope(noise_multiplier: float, sampling_rate: float, steps: int
     return slope if slope < -0.1 else -1.0
 
 
-def _coarse_discretizations(noise_multiplier: float, sampling_rate: float) -> list[float]:
-    """Coarser PLD precisions worth running before the default one, coarsest first.
+def _coarse_discretizations(noise_multiplier: float, sampling_rate: float, final: float) -> list[float]:
+    """Coarser PLD precisions worth running before the ``final`` one, coarsest first.
 
     A one-step PLD of the subsampled Gaussian spans privacy losses up to about ``log q + 10/σ + 1/(2σ²)``
     (dp_accounting keeps ``exp(-50)`` of tail mass) with one point per discretisation interval, so its cost
-    grows like ``1/σ²``. Coarse levels are used only where a fine evaluation is slow (>= 20,000 points), and
+    grows like ``1/σ²``. Coarse levels are used only where a final evaluation is slow (>= 20,000 points), and
     each only where it still has >= 1,000 points (then it tracks the finer levels' ε to a few percent).
     """
     upper_loss = math.log(sampling_rate) + 10.0 / noise_multiplier + 0.5 / noise_multiplier**2
-    if upper_loss / DEFAULT_PLD_DISCRETIZATION < 20_000:
+    if upper_loss / final < 20_000:
         return []
-    return [d for d in COARSE_PLD_DISCRETIZATIONS if upper_loss / d >= 1_000]
+    return [d for d in COARSE_PLD_DISCRETIZATIONS if d > final * 1.5 and upper_loss / d >= 1_000]
 
 
 def _locate(
@@ -623,17 +625,19 @@ def calibrate_noise(
     tolerance: float = 0.01,
     initial_guess: float | None = None,
     initial_slope: float | None = None,
+    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
 ) -> NoiseCalibration:
     """Finds the smallest σ whose ε (at δ, after ``steps`` steps) is at most ``target_epsilon``.
 
-    The returned σ satisfies ``ε(σ) <= target`` with ε computed by `dp_accounting` at its default precision, and
-    either ``ε(σ) >= target * (1 - tolerance)`` or ``ε(σ * (1 - tolerance)) > target`` (then σ is within
-    ``tolerance`` of the smallest σ; this case is used where ε(σ) is steep or has discretisation steps).
+    The returned σ satisfies ``ε(σ) <= target`` with ε computed by `dp_accounting` (PLD at
+    ``pld_discretization``, by default its default precision), and either ``ε(σ) >= target * (1 - tolerance)`` or
+    ``ε(σ * (1 - tolerance)) > target`` (then σ is within ``tolerance`` of the smallest σ; this case is used where
+    ε(σ) is steep or has discretisation steps).
 
-    It is fast because the default-precision PLD (up to seconds per evaluation for small σ) is evaluated only a
-    few times: a Gaussian-DP approximation (or ``initial_guess``) starts the search; where a fine PLD is
-    expensive, coarser PLDs (10x and 100x, used only to predict, never to report) locate σ first; a safeguarded
-    secant on (log σ, log ε) at full precision then finishes, typically after one or two evaluations.
+    It is fast because the final-precision PLD (up to seconds per evaluation for small σ) is evaluated only a
+    few times: a Gaussian-DP approximation (or ``initial_guess``) starts the search; where a final PLD is
+    expensive, coarser PLDs (used only to predict, never to report) locate σ first; a safeguarded secant on
+    (log σ, log ε) at the final precision then finishes, typically after one or two evaluations.
 
     Args:
         target_epsilon: ε to reach.
@@ -649,6 +653,10 @@ def calibrate_noise(
         initial_guess: Optional starting σ (e.g. from a neighbouring configuration); only affects speed.
         initial_slope: Optional d log ε / d log σ near the answer (e.g. ``slope`` of a neighbour's result);
             only affects speed.
+        pld_discretization: PLD value discretisation interval of the reported ε (PLD accountant only). Every
+            interval gives an upper bound on ε (dp_accounting's pessimistic discretisation); the default one is
+            the precision the trainer reports; coarser ones are faster and slightly looser (the planner uses
+            one and checks the gap).
 
     Returns:
         A :class:`NoiseCalibration`.
@@ -664,6 +672,9 @@ def calibrate_noise(
     tolerance = _as_float(tolerance, "tolerance")
     if not 0.0 < tolerance < 0.5:
         raise ValueError(f"tolerance must be in (0, 0.5), got {tolerance}.")
+    pld_discretization = _as_float(pld_discretization, "pld_discretization")
+    if not 0.0 < pld_discretization <= 0.1:
+        raise ValueError(f"pld_discretization must be in (0, 0.1], got {pld_discretization}.")
     spec = _check_sampling(sampling, sampling_rate, dataset_size, max_batch_size, logical_batch_size)
     if spec.scheme == "truncated_poisson" and accountant == "rdp":
         _epsilon(1.0, 1, delta, spec, accountant, DEFAULT_PLD_DISCRETIZATION)  # raises the explanatory error
@@ -690,7 +701,7 @@ def calibrate_noise(
     levels: list[float] = []
     if accountant == "pld":
         rate = 1.0 if spec.scheme == "shuffle" else spec.sampling_rate
-        levels = _coarse_discretizations(max(guess, MIN_NOISE_MULTIPLIER), rate)
+        levels = _coarse_discretizations(max(guess, MIN_NOISE_MULTIPLIER), rate, pld_discretization)
     aim = target_epsilon * (1.0 - tolerance / 2)  # the middle of the accepted ε window
     coarse_evaluations = 0
     for level, discretization in enumerate(levels):
@@ -706,7 +717,7 @@ def calibrate_noise(
         if level > 0 and first_error <= tolerance / 8:
             break  # this level agreed with the coarser one at once: finer ones would change little
     fine = _search(
-        lambda sigma: _epsilon(sigma, steps, delta, spec, accountant, DEFAULT_PLD_DISCRETIZATION),
+        lambda sigma: _epsilon(sigma, steps, delta, spec, accountant, pld_discretization),
         target=target_epsilon,
         tolerance=tolerance,
         aim=aim,
@@ -714,7 +725,12 @@ def calibrate_noise(
         slope=slope,
     )
     return NoiseCalibration(
-        fine.sigma, fine.epsilon, fine.evaluations, coarse_evaluations, fine.slope if fine.slope is not None else slope
+        fine.sigma,
+        fine.epsilon,
+        fine.evaluations,
+        coarse_evaluations,
+        fine.slope if fine.slope is not None else slope,
+        pld_discretization,
     )
 
 

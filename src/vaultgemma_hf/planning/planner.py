@@ -1,9 +1,17 @@
 """The DP budget planner: calibrates σ for a grid of (B, T) within a compute budget and recommends one.
 
 Every σ comes from :func:`vaultgemma_hf.dp.accounting.calibrate_noise` (PLD, Poisson sampling) and every ε
-reported is a `dp_accounting` PLD value at its default precision. Speed comes from the calibration itself
-(few full-precision PLD evaluations), from warm starts between neighbouring rows, and from running the rows of
-different batch sizes in parallel processes.
+reported is a `dp_accounting` PLD value (pessimistic discretisation, so an upper bound on the true ε) at the
+row's ``pld_discretization``. Speed comes from four things:
+
+- the plan's precision: rows are calibrated at :data:`PLANNER_PLD_DISCRETIZATION` (10x coarser than the
+  trainer's, so each PLD is ~8x cheaper), within half the tolerance; a row is refined to the trainer's precision
+  when its ε at three times that interval differs by more than the tolerance (the gap to the trainer's ε then
+  may exceed half the tolerance; PLD connect-the-dots errors shrink like the square of the interval, so an
+  accepted row's trainer ε is within the tolerance of the target, checked by ``benchmarks/planner.py``);
+- the calibration itself (few final-precision PLD evaluations, coarse PLDs to predict);
+- warm starts between neighbouring rows;
+- running the rows of different batch sizes in parallel processes.
 """
 
 from __future__ import annotations
@@ -21,9 +29,11 @@ from typing import Any
 from vaultgemma_hf.dp.accounting import (
     DEFAULT_PLD_DISCRETIZATION,
     MAX_NOISE_MULTIPLIER,
+    NoiseCalibration,
     UnreachableEpsilonError,
     approximate_noise_multiplier,
     calibrate_noise,
+    compute_epsilon,
     dp_accounting_version,
 )
 from vaultgemma_hf.planning import budget as _budget
@@ -32,6 +42,8 @@ from vaultgemma_hf.planning.model_size import VAULTGEMMA_1B_PARAMETERS
 PLAN_FORMAT = "vaultgemma-hf-plan"
 PLAN_FORMAT_VERSION = 1
 CALIBRATION_CHAINS = 2
+PLANNER_PLD_DISCRETIZATION = 1e-3
+"""PLD value discretisation interval of the plan's ε (the trainer reports at ``DEFAULT_PLD_DISCRETIZATION``)."""
 """Rows are calibrated in this many warm-started chains of equal estimated cost (one per core of the 2-core
 target machine; more workers do not help). Fixed, so that results do not depend on the number of workers."""
 
@@ -59,6 +71,7 @@ class PlanRow:
     on_frontier: bool = False
     status: str = "ok"
     note: str = ""
+    pld_discretization: float | None = None
 
 
 @dataclasses.dataclass
@@ -81,6 +94,7 @@ class Plan:
     explanation: str
     warnings: list[str]
     calibration_seconds: float
+    pld_discretization: float = PLANNER_PLD_DISCRETIZATION
     sampling: str = "poisson"
     accountant: str = "pld"
     dp_accounting_version: str = dataclasses.field(default_factory=dp_accounting_version)
@@ -107,15 +121,76 @@ class _Task:
     steps: int
 
 
+def _calibrate_row(
+    target_epsilon: float,
+    rate: float,
+    task: _Task,
+    delta: float,
+    dataset_size: int,
+    tolerance: float,
+    discretization: float,
+    guess: float | None,
+    slope: float | None,
+) -> tuple[NoiseCalibration, float, float | None]:
+    """Calibrates one row at ``discretization`` (refining to the trainer's precision when needed).
+
+    Above the trainer's precision the row is calibrated to half the tolerance, and its ε at three times the
+    interval bounds the discretisation gap: if they differ by more than ``tolerance`` (relative to the target),
+    the row is calibrated again at :data:`DEFAULT_PLD_DISCRETIZATION`.
+
+    Returns:
+        ``(calibration, pld_discretization, spread)``: the calibration, the discretisation it used, and for a
+        refined row the relative difference between the ε at the two coarse intervals (else None).
+    """
+    kwargs = dict(dataset_size=dataset_size, logical_batch_size=task.logical_batch_size)
+    coarse = discretization > DEFAULT_PLD_DISCRETIZATION * 1.01
+    calibration = calibrate_noise(
+        target_epsilon,
+        rate,
+        task.steps,
+        delta,
+        tolerance=tolerance / 2 if coarse else tolerance,
+        initial_guess=guess,
+        initial_slope=slope,
+        pld_discretization=discretization,
+        **kwargs,
+    )
+    if not coarse:
+        return calibration, discretization, None
+    looser = compute_epsilon(
+        calibration.noise_multiplier, rate, task.steps, delta, pld_discretization=3 * discretization, **kwargs
+    )
+    spread = abs(looser - calibration.epsilon) / target_epsilon
+    if spread <= tolerance:
+        return calibration, discretization, None
+    refined = calibrate_noise(
+        target_epsilon,
+        rate,
+        task.steps,
+        delta,
+        tolerance=tolerance,
+        initial_guess=calibration.noise_multiplier,
+        initial_slope=calibration.slope,
+        **kwargs,
+    )
+    return refined, DEFAULT_PLD_DISCRETIZATION, spread
+
+
 def _calibrate_chain(
-    tasks: Sequence[_Task], target_epsilon: float, delta: float, dataset_size: int, tolerance: float
-) -> list[tuple[int, float | None, float | None, float | None]]:
+    tasks: Sequence[_Task],
+    target_epsilon: float,
+    delta: float,
+    dataset_size: int,
+    tolerance: float,
+    discretization: float,
+) -> list[tuple[int, float | None, float | None, float | None, float | None, float | None]]:
     """Calibrates rows one after the other, warm-starting each from the rows before it.
 
     The warm start takes the ratio between the calibrated σ and its Gaussian-DP approximation (extrapolated in
     log T over rows of the same batch size), which varies slowly between neighbours, and the measured slope
-    d log ε / d log σ. Runs in a worker process: returns plain tuples ``(index, sigma, epsilon, best_epsilon)``;
-    for an unreachable row sigma and epsilon are None and best_epsilon is the ε reached at the largest σ tried.
+    d log ε / d log σ. Runs in a worker process: returns plain tuples
+    ``(index, sigma, epsilon, best_epsilon, pld_discretization, spread)`` (see :func:`_calibrate_row`); for an
+    unreachable row sigma and epsilon are None and best_epsilon is the ε reached at the largest σ tried.
     """
     results = []
     history: list[tuple[float, float, float]] = []  # (q, log T, log(σ / σ_approx)) of the rows done so far
@@ -134,23 +209,15 @@ def _calibrate_chain(
                 log_ratio = r1 + (r1 - r0) * (math.log(task.steps) - t1) / (t1 - t0)
             guess = approx * math.exp(log_ratio)
         try:
-            calibration = calibrate_noise(
-                target_epsilon,
-                rate,
-                task.steps,
-                delta,
-                dataset_size=dataset_size,
-                logical_batch_size=task.logical_batch_size,
-                tolerance=tolerance,
-                initial_guess=guess,
-                initial_slope=slope,
+            calibration, used, spread = _calibrate_row(
+                target_epsilon, rate, task, delta, dataset_size, tolerance, discretization, guess, slope
             )
         except UnreachableEpsilonError as err:
-            results.append((task.index, None, None, err.best_epsilon))
+            results.append((task.index, None, None, err.best_epsilon, None, None))
             continue
         history.append((rate, math.log(task.steps), math.log(calibration.noise_multiplier / approx)))
         slope = calibration.slope
-        results.append((task.index, calibration.noise_multiplier, calibration.epsilon, None))
+        results.append((task.index, calibration.noise_multiplier, calibration.epsilon, None, used, spread))
     return results
 
 
@@ -205,7 +272,8 @@ def calibrate_grid(
     *,
     tolerance: float = 0.01,
     workers: int | None = None,
-) -> list[tuple[float | None, float | None, float | None]]:
+    pld_discretization: float = PLANNER_PLD_DISCRETIZATION,
+) -> list[tuple[float | None, ...]]:
     """Calibrates σ (PLD, Poisson) for every grid point.
 
     The points are ordered so that neighbours are similar (batch sizes ascending, steps alternately descending
@@ -214,9 +282,14 @@ def calibrate_grid(
     do not depend on ``workers``, so neither do the results.
 
     Returns:
-        One ``(sigma, epsilon, best_epsilon)`` per point, in order; sigma and epsilon are None when the target is
-        unreachable, and best_epsilon is then the smallest ε found (else None).
+        One ``(sigma, epsilon, best_epsilon, pld_discretization, spread)`` per point, in order; sigma and epsilon
+        are None when the target is unreachable, and best_epsilon is then the smallest ε found (else None); spread
+        is set for rows refined to the trainer's precision (see :func:`_calibrate_row`).
     """
+    if not (isinstance(pld_discretization, float) and DEFAULT_PLD_DISCRETIZATION <= pld_discretization <= 0.01):
+        raise ValueError(
+            f"pld_discretization must be a float in [{DEFAULT_PLD_DISCRETIZATION:g}, 0.01], got {pld_discretization!r}."
+        )
     groups: dict[int, list[_Task]] = {}
     for index, point in enumerate(points):
         groups.setdefault(point.logical_batch_size, []).append(_Task(index, point.logical_batch_size, point.steps))
@@ -228,7 +301,7 @@ def calibrate_grid(
     costs = [_row_cost(task, target_epsilon, delta, dataset_size) for task in ordered]
     chains = _split_balanced(ordered, costs, min(CALIBRATION_CHAINS, len(ordered)))
     n_workers = _worker_count(workers, len(chains))
-    args = (target_epsilon, delta, dataset_size, tolerance)
+    args = (target_epsilon, delta, dataset_size, tolerance, pld_discretization)
     if n_workers == 1:
         outputs = [_calibrate_chain(chain, *args) for chain in chains]
     else:
@@ -236,7 +309,7 @@ def calibrate_grid(
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
             futures = [pool.submit(_calibrate_chain, chain, *args) for chain in chains]
             outputs = [future.result() for future in futures]
-    results: list[tuple[float | None, float | None, float | None]] = [(None, None, None)] * len(points)
+    results: list[tuple[float | None, ...]] = [(None,) * 5] * len(points)
     for output in outputs:
         for index, *result in output:
             results[index] = tuple(result)
@@ -246,6 +319,17 @@ def calibrate_grid(
 # ----------------------------------------------------------------------------------------------------------------
 # The plan
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _row_note(best: float | None, spread: float | None, discretization: float) -> str:
+    if best is not None:
+        return f"unreachable: epsilon >= {best:.3g} even with sigma = {MAX_NOISE_MULTIPLIER:g}"
+    if spread is not None:
+        return (
+            f"epsilon changed by {spread:.2%} between PLD discretisations {discretization:g} and "
+            f"{3 * discretization:g}: calibrated at {DEFAULT_PLD_DISCRETIZATION:g}"
+        )
+    return ""
 
 
 def _explain(plan_rows: list[PlanRow], index: int | None, reached: bool, min_steps: int, epsilon: float) -> str:
@@ -308,6 +392,7 @@ def plan_budget(
     steps: Sequence[int] | None = None,
     tolerance: float = 0.01,
     workers: int | None = None,
+    pld_discretization: float = PLANNER_PLD_DISCRETIZATION,
 ) -> Plan:
     """Plans a DP-SGD run: the σ needed for (ε, δ) for each (B, T) in budget, the frontier and a recommendation.
 
@@ -326,6 +411,9 @@ def plan_budget(
         steps: Step counts to consider (default: the full budget and 1/2, 1/4, 1/8 of it for each batch size).
         tolerance: Relative ε tolerance of the calibration.
         workers: Processes used for calibration (default: available CPUs).
+        pld_discretization: PLD value discretisation interval of the rows' ε (default
+            :data:`PLANNER_PLD_DISCRETIZATION`; ``1e-4`` reports at the trainer's precision, ~8x slower). Rows whose
+            ε is not stable at this interval are refined to ``1e-4`` (each row records its own interval).
 
     Returns:
         The :class:`Plan`.
@@ -397,14 +485,20 @@ def plan_budget(
 
     start = time.perf_counter()
     calibrated = calibrate_grid(
-        points, target_epsilon, target_delta, dataset_size, tolerance=tolerance, workers=workers
+        points,
+        target_epsilon,
+        target_delta,
+        dataset_size,
+        tolerance=tolerance,
+        workers=workers,
+        pld_discretization=pld_discretization,
     )
     elapsed = time.perf_counter() - start
 
-    ratios = [None if sigma is None else sigma / p.logical_batch_size for p, (sigma, _, _) in zip(points, calibrated)]
+    ratios = [None if c[0] is None else c[0] / p.logical_batch_size for p, c in zip(points, calibrated)]
     frontier = _budget.pareto_frontier([p.steps for p in points], ratios)
     rows = []
-    for point, (sigma, epsilon, best), ratio, on_frontier in zip(points, calibrated, ratios, frontier):
+    for point, (sigma, epsilon, best, used, spread), ratio, on_frontier in zip(points, calibrated, ratios, frontier):
         tokens_used = point.logical_batch_size * seq_len * point.steps
         flops_used = _budget.training_flops(num_parameters, point.logical_batch_size, seq_len, point.steps)
         rows.append(
@@ -423,9 +517,8 @@ def plan_budget(
                 budget_fraction=flops_used / budget_flops,
                 on_frontier=on_frontier,
                 status="ok" if sigma is not None else "unreachable",
-                note=""
-                if best is None
-                else f"unreachable: epsilon >= {best:.3g} even with sigma = {MAX_NOISE_MULTIPLIER:g}",
+                note=_row_note(best, spread, pld_discretization),
+                pld_discretization=used,
             )
         )
     index, reached = _budget.recommend([r.steps for r in rows], ratios, frontier, min_steps)
@@ -442,6 +535,15 @@ def plan_budget(
         warnings_.append(
             f"no configuration reaches --min-steps {min_steps:,} within the budget; nearest feasible: "
             f"{needed:.3g} FLOPs ({min_steps:,} steps of batch {smallest:,}), or lower --min-steps."
+        )
+    refined = [c[4] for c in calibrated if c[4] is not None]
+    if refined:
+        warnings_.append(
+            f"{len(refined)} row(s) had an epsilon that changed by up to {max(refined):.1%} between PLD "
+            f"discretisations {pld_discretization:g} and {3 * pld_discretization:g}, so they were calibrated at the "
+            f"trainer's precision ({DEFAULT_PLD_DISCRETIZATION:g}). Where delta is tiny and T large (e.g. delta ~ 1e-10, "
+            "T >= 1e5) dp_accounting's PLD epsilon is numerically noisy (about +-1-3% between nearby sigmas; "
+            "docs/source/en/planning.md): treat the epsilon of those rows as accurate to a few percent."
         )
     unreachable = sum(r.status != "ok" for r in rows)
     if unreachable and index is not None:
@@ -463,4 +565,5 @@ def plan_budget(
         explanation=_explain(rows, index, reached, min_steps, target_epsilon),
         warnings=warnings_,
         calibration_seconds=elapsed,
+        pld_discretization=pld_discretization,
     )
