@@ -19,6 +19,7 @@ from vaultgemma_hf.dp.accounting import (
     compute_epsilon,
     dp_accounting_version,
     make_dp_event,
+    pld_precision_warning,
 )
 
 
@@ -202,6 +203,24 @@ def test_calibration_at_a_coarser_pld_precision_reports_that_precision():
     assert target * 0.98 <= fine <= result.epsilon
     with pytest.raises(ValueError, match="pld_discretization"):
         calibrate_noise(target, q, steps, delta, pld_discretization=0.0)
+
+
+def test_pld_precision_warning_marks_where_dp_accounting_is_noisy():
+    # VaultGemma-scale sampling: q = 5.2e-6, T = 788,997. At δ = 1.1e-10 (<= T x 1e-14) dp_accounting's ε is not
+    # even monotone in σ; at δ = 1e-8 (above the floor) it is. The warning follows the same line.
+    q, steps = 65_536 / 12_695_312_500, 788_997
+    sigmas = (0.515, 0.518, 0.52)
+
+    def epsilons(delta):
+        return [pld_epsilon(poisson_event(s, q, steps), delta, value_discretization_interval=1e-3) for s in sigmas]
+
+    noisy, smooth = epsilons(1.1e-10), epsilons(1e-8)
+    assert not noisy[0] > noisy[1] > noisy[2], noisy
+    assert smooth[0] > smooth[1] > smooth[2], smooth
+    assert pld_precision_warning(1.1e-10, steps) is not None
+    assert pld_precision_warning(1e-8, steps) is None
+    assert pld_precision_warning(1e-5, 10_000) is None
+    assert "1.1e-10" in pld_precision_warning(1.1e-10, 100_000)
 
 
 def test_calibration_with_rdp_truncated_and_shuffle():

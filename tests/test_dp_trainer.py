@@ -371,6 +371,17 @@ def test_empty_poisson_batch_still_steps_with_noise(tmp_path, tiny_kwargs):
         assert pn.grad.abs().max() > 0
 
 
+def test_delta_below_the_pld_precision_is_warned(tmp_path, tiny_kwargs, caplog):
+    # δ <= T x 1e-14: dp_accounting's PLD ε is numerically noisy there (test_accounting shows it); say so.
+    for delta, warned in ((1e-12, True), (1e-9, False)):
+        args = args_for(tmp_path, noise_multiplier=2.0, target_delta=delta, logical_batch_size=2, max_steps=200)
+        trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=make_dataset())
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            trainer.setup_privacy()
+        assert ("below the numerical precision of dp_accounting's PLD" in caplog.text) is warned, caplog.text
+
+
 def test_non_private_control_is_labelled(tmp_path, tiny_kwargs):
     args = args_for(tmp_path, noise_multiplier=0.0, logical_batch_size=2, max_steps=1, logging_steps=1)
     trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=make_dataset())

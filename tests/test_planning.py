@@ -218,9 +218,18 @@ def test_rows_unstable_at_the_plan_precision_are_refined_to_the_trainers():
         assert row.pld_discretization == 1e-4
         assert "calibrated at 0.0001" in row.note
         assert_row_calibrated(row, plan.target_epsilon)
-    assert any("trainer's precision" in w for w in plan.warnings)
     with pytest.raises(ValueError, match="pld_discretization"):
         plan_budget(**SMALL, tokens=SMALL_BUDGET, batch_sizes=[2048], steps=[20], pld_discretization=1e-5)
+
+
+def test_delta_below_the_pld_precision_is_warned():
+    # δ <= T x 1e-14 (here 5e-13 with T = 80): dp_accounting's ε is numerically noisy there; the plan says so.
+    plan = plan_budget(**SMALL, target_delta=5e-13, tokens=SMALL_BUDGET, batch_sizes=[2048], steps=[80], workers=1)
+    assert any("numerical precision of dp_accounting's PLD" in w for w in plan.warnings)
+    assert not any(
+        "numerical precision" in w
+        for w in plan_budget(**SMALL, tokens=SMALL_BUDGET, batch_sizes=[2048], steps=[80], workers=1).warnings
+    )
 
 
 def test_delta_at_or_above_one_over_n_is_warned():

@@ -334,6 +334,29 @@ def compute_epsilon(
     return _epsilon(noise_multiplier, steps, delta, spec, accountant, pld_discretization)
 
 
+PLD_NOISE_FLOOR_PER_STEP = 1e-14
+"""δ at or below ``steps ×`` this is where dp_accounting's PLD ε becomes numerically noisy (see below)."""
+
+
+def pld_precision_warning(delta: float, steps: int) -> str | None:
+    """A warning when ε at this (δ, T) is below the numerical precision of dp_accounting's PLD, else None.
+
+    dp_accounting composes T steps as one FFT raised to the power T, so the composed PMF carries absolute errors of
+    about T × 1e-16 (float64 round-off amplified T times). ε is read off where the PMF's tail mass is δ, so once
+    that error reaches ~1% of δ (δ <= T × 1e-14) ε jitters between nearby σ: measured at δ = 1.1e-10 it moves by
+    1-3% for σ changes of 0.25% at T ≈ 1e5, by up to 4x at T ≈ 8e5, and is smooth at δ = 1e-8 (see
+    docs/source/en/planning.md). The mechanism is not at fault; the bound's precision is.
+    """
+    if steps >= 1 and delta <= steps * PLD_NOISE_FLOOR_PER_STEP:
+        return (
+            f"delta={delta:g} over {steps:,} steps is below the numerical precision of dp_accounting's PLD "
+            f"(delta <= T x {PLD_NOISE_FLOOR_PER_STEP:g}): its epsilon there moves by a few percent between nearby "
+            "noise multipliers, so treat the reported epsilon as accurate to a few percent, or use a larger delta "
+            "or fewer steps."
+        )
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Calibration
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,10 +2,12 @@
 
 Policy (also in docs/source/en/model_doc/vaultgemma.md):
 
-* `import vaultgemma_hf` always maps *our* config class to our model classes in `AutoModel` and
-  `AutoModelForCausalLM` (so `AutoModelForCausalLM.from_config(vaultgemma_hf.VaultGemmaConfig(...))` builds ours),
-  and makes checkpoints saved by our classes carry an `auto_map`, so they load with `trust_remote_code=True`
-  where this package is not installed.
+* Importing our model classes (`vaultgemma_hf.models`; `import vaultgemma_hf` does it at once only where
+  deferring it could change a lookup, see `vaultgemma_hf/__init__.py`) always maps *our* config class to our
+  model classes in `AutoModel` and `AutoModelForCausalLM` (so
+  `AutoModelForCausalLM.from_config(vaultgemma_hf.VaultGemmaConfig(...))` builds ours), and makes checkpoints
+  saved by our classes carry an `auto_map`, so they load with `trust_remote_code=True` where this package is not
+  installed.
 * If transformers has **no** built-in "vaultgemma", the import also registers "vaultgemma" in `AutoConfig`, so
   `AutoConfig` / `AutoModel` / `AutoModelForCausalLM.from_pretrained(path)` resolve to our classes.
 * If transformers **has** a built-in "vaultgemma", the import leaves `AutoConfig` alone: `from_pretrained(path)`

@@ -35,6 +35,7 @@ from vaultgemma_hf.dp.accounting import (
     calibrate_noise,
     compute_epsilon,
     dp_accounting_version,
+    pld_precision_warning,
 )
 from vaultgemma_hf.planning import budget as _budget
 from vaultgemma_hf.planning.model_size import VAULTGEMMA_1B_PARAMETERS
@@ -536,15 +537,10 @@ def plan_budget(
             f"no configuration reaches --min-steps {min_steps:,} within the budget; nearest feasible: "
             f"{needed:.3g} FLOPs ({min_steps:,} steps of batch {smallest:,}), or lower --min-steps."
         )
-    refined = [c[4] for c in calibrated if c[4] is not None]
-    if refined:
-        warnings_.append(
-            f"{len(refined)} row(s) had an epsilon that changed by up to {max(refined):.1%} between PLD "
-            f"discretisations {pld_discretization:g} and {3 * pld_discretization:g}, so they were calibrated at the "
-            f"trainer's precision ({DEFAULT_PLD_DISCRETIZATION:g}). Where delta is tiny and T large (e.g. delta ~ 1e-10, "
-            "T >= 1e5) dp_accounting's PLD epsilon is numerically noisy (about +-1-3% between nearby sigmas; "
-            "docs/source/en/planning.md): treat the epsilon of those rows as accurate to a few percent."
-        )
+    noisy = [r for r in rows if r.status == "ok" and pld_precision_warning(r.delta, r.steps)]
+    if noisy:
+        warning = pld_precision_warning(target_delta, max(r.steps for r in noisy))
+        warnings_.append(f"{len(noisy)} row(s): {warning}")
     unreachable = sum(r.status != "ok" for r in rows)
     if unreachable and index is not None:
         warnings_.append(f"{unreachable} configuration(s) cannot reach epsilon={target_epsilon:g} (marked).")

@@ -244,7 +244,7 @@ class DPTrainer(Trainer):
         Called by `train`; safe to call again (a second `train()` on the same trainer continues the same
         accountant: the model has already spent that budget).
         """
-        from vaultgemma_hf.dp.accounting import PrivacyAccountant, calibrate_noise_multiplier
+        from vaultgemma_hf.dp.accounting import PrivacyAccountant, calibrate_noise_multiplier, pld_precision_warning
 
         args = self.args
         if self.dp_engine is None:
@@ -323,6 +323,10 @@ class DPTrainer(Trainer):
             logger.warning(
                 "NON-PRIVATE control run: noise_multiplier=0, epsilon is infinite. Do not release this model as private."
             )
+        else:
+            precision = pld_precision_warning(self.target_delta, total) if args.accountant == "pld" else None
+            if precision:
+                logger.warning("Privacy accounting: %s", precision)
         self._dp_budget_steps = None
         if args.target_epsilon is not None and not non_private:
             final_epsilon = self._compute_epsilon(total)
