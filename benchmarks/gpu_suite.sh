@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The H100 figures owed by the foundation and DPTrainer issues, in one device call (about 10 minutes).
+#
+# Here, once (Opacus is the only package the benchmarks need that the device image lacks):
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl opacus==1.6.0
+# Then: device run, carry [".whl"], command "bash benchmarks/gpu_suite.sh".
+# Logs and JSON go to $OUT (the device's return folder) or benchmarks/out. A CPU smoke run of the same steps at a
+# tiny shape: SMOKE=1 bash benchmarks/gpu_suite.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/out}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD/src:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+if [ "${SMOKE:-0}" = 1 ]; then
+  inference=(--shape tiny --device cpu --no-compile --repeats 1 --warmup 0 --new-tokens 4 --prefill-len 32)
+  dp_step=(--device cpu --shape tiny --batch 2 --seq-len 32 --repeats 1 --warmup 0)
+else
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+  inference=(--shape 1b --device cuda)
+  dp_step=(--device cuda --shape 1b --batch 4 --seq-len 1024 --dtype bf16 --dp-inexact)
+fi
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+  | tee "$out/versions.txt"
+python3 benchmarks/inference.py "${inference[@]}" 2>&1 | tee "$out/inference.txt"
+python3 benchmarks/dp_step.py "${dp_step[@]}" --json "$out/dp_step.json" 2>&1 | tee "$out/dp_step.txt"
