@@ -115,7 +115,7 @@ def run(name: str, workers: int, skip_reference: bool) -> None:
     print(
         f"{len(plan.rows)} rows in {wall:.2f} s wall (calibration {plan.calibration_seconds:.2f} s, "
         f"{workers} worker process(es)); ε at PLD discretisation {plan.pld_discretization:g}, {refined} row(s) "
-        f"refined to {DEFAULT_PLD_DISCRETIZATION:g}"
+        f"reported at {DEFAULT_PLD_DISCRETIZATION:g} (refined, or checked there where ε is numerically noisy)"
     )
     print(f"`vaultgemma-hf plan` end to end: {cli_seconds(kwargs, workers):.2f} s wall")
     if skip_reference:

@@ -226,6 +226,9 @@ def test_delta_below_the_pld_precision_is_warned():
     # δ <= T x 1e-14 (here 5e-13 with T = 80): dp_accounting's ε is numerically noisy there; the plan says so.
     plan = plan_budget(**SMALL, target_delta=5e-13, tokens=SMALL_BUDGET, batch_sizes=[2048], steps=[80], workers=1)
     assert any("numerical precision of dp_accounting's PLD" in w for w in plan.warnings)
+    for row in plan.rows:  # there the plan reports the trainer's ε (checked or refined at 1e-4)
+        assert row.pld_discretization == 1e-4
+        assert_row_calibrated(row, plan.target_epsilon)
     assert not any(
         "numerical precision" in w
         for w in plan_budget(**SMALL, tokens=SMALL_BUDGET, batch_sizes=[2048], steps=[80], workers=1).warnings

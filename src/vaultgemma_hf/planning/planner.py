@@ -8,7 +8,9 @@ row's ``pld_discretization``. Speed comes from four things:
   trainer's, so each PLD is ~8x cheaper), within half the tolerance; a row is refined to the trainer's precision
   when its ε at three times that interval differs by more than the tolerance (the gap to the trainer's ε then
   may exceed half the tolerance; PLD connect-the-dots errors shrink like the square of the interval, so an
-  accepted row's trainer ε is within the tolerance of the target, checked by ``benchmarks/planner.py``);
+  accepted row's trainer ε is within the tolerance of the target, checked by ``benchmarks/planner.py``). Where
+  ε is numerically noisy (:func:`~vaultgemma_hf.dp.accounting.pld_precision_warning`) the check is made at the
+  trainer's precision instead, and such rows always report the trainer's ε;
 - the calibration itself (few final-precision PLD evaluations, coarse PLDs to predict);
 - warm starts between neighbouring rows;
 - running the rows of different batch sizes in parallel processes.
@@ -132,38 +134,54 @@ def _calibrate_row(
     discretization: float,
     guess: float | None,
     slope: float | None,
-) -> tuple[NoiseCalibration, float, float | None]:
+) -> tuple[NoiseCalibration, str]:
     """Calibrates one row at ``discretization`` (refining to the trainer's precision when needed).
 
-    Above the trainer's precision the row is calibrated to half the tolerance, and its ε at three times the
-    interval bounds the discretisation gap: if they differ by more than ``tolerance`` (relative to the target),
-    the row is calibrated again at :data:`DEFAULT_PLD_DISCRETIZATION`.
+    Above the trainer's precision (:data:`DEFAULT_PLD_DISCRETIZATION`) the row is calibrated to half the
+    tolerance, then checked against a second PLD at the same σ: at three times the interval (which bounds the
+    discretisation gap) in the smooth regime, or at the trainer's precision itself where
+    :func:`pld_precision_warning` says ε is numerically noisy (there no interval predicts another, so the plan's ε
+    must be the trainer's). If the check moves ε by more than ``tolerance`` (relative to the target) or, for the
+    trainer's precision, out of the accepted window, the row is calibrated again at the trainer's precision.
 
     Returns:
-        ``(calibration, pld_discretization, spread)``: the calibration, the discretisation it used, and for a
-        refined row the relative difference between the ε at the two coarse intervals (else None).
+        ``(calibration, note)``; the note says why a row was refined ("" otherwise).
     """
     kwargs = dict(dataset_size=dataset_size, logical_batch_size=task.logical_batch_size)
-    coarse = discretization > DEFAULT_PLD_DISCRETIZATION * 1.01
+    if discretization <= DEFAULT_PLD_DISCRETIZATION * 1.01:
+        calibration = calibrate_noise(
+            target_epsilon,
+            rate,
+            task.steps,
+            delta,
+            tolerance=tolerance,
+            initial_guess=guess,
+            initial_slope=slope,
+            pld_discretization=discretization,
+            **kwargs,
+        )
+        return calibration, ""
     calibration = calibrate_noise(
         target_epsilon,
         rate,
         task.steps,
         delta,
-        tolerance=tolerance / 2 if coarse else tolerance,
+        tolerance=tolerance / 2,
         initial_guess=guess,
         initial_slope=slope,
         pld_discretization=discretization,
         **kwargs,
     )
-    if not coarse:
-        return calibration, discretization, None
-    looser = compute_epsilon(
-        calibration.noise_multiplier, rate, task.steps, delta, pld_discretization=3 * discretization, **kwargs
+    noisy = pld_precision_warning(delta, task.steps) is not None
+    check = DEFAULT_PLD_DISCRETIZATION if noisy else 3 * discretization
+    checked = compute_epsilon(
+        calibration.noise_multiplier, rate, task.steps, delta, pld_discretization=check, **kwargs
     )
-    spread = abs(looser - calibration.epsilon) / target_epsilon
-    if spread <= tolerance:
-        return calibration, discretization, None
+    spread = abs(checked - calibration.epsilon) / target_epsilon
+    if noisy and target_epsilon * (1 - tolerance) <= checked <= target_epsilon:
+        return dataclasses.replace(calibration, epsilon=checked, pld_discretization=check), ""
+    if not noisy and spread <= tolerance:
+        return calibration, ""
     refined = calibrate_noise(
         target_epsilon,
         rate,
@@ -174,7 +192,11 @@ def _calibrate_row(
         initial_slope=calibration.slope,
         **kwargs,
     )
-    return refined, DEFAULT_PLD_DISCRETIZATION, spread
+    note = (
+        f"epsilon changed by {spread:.2%} between PLD discretisations {discretization:g} and {check:g}: calibrated "
+        f"at {DEFAULT_PLD_DISCRETIZATION:g}"
+    )
+    return refined, note
 
 
 def _calibrate_chain(
@@ -184,13 +206,13 @@ def _calibrate_chain(
     dataset_size: int,
     tolerance: float,
     discretization: float,
-) -> list[tuple[int, float | None, float | None, float | None, float | None, float | None]]:
+) -> list[tuple[int, float | None, float | None, float | None, float | None, str]]:
     """Calibrates rows one after the other, warm-starting each from the rows before it.
 
     The warm start takes the ratio between the calibrated σ and its Gaussian-DP approximation (extrapolated in
     log T over rows of the same batch size), which varies slowly between neighbours, and the measured slope
     d log ε / d log σ. Runs in a worker process: returns plain tuples
-    ``(index, sigma, epsilon, best_epsilon, pld_discretization, spread)`` (see :func:`_calibrate_row`); for an
+    ``(index, sigma, epsilon, best_epsilon, pld_discretization, note)`` (see :func:`_calibrate_row`); for an
     unreachable row sigma and epsilon are None and best_epsilon is the ε reached at the largest σ tried.
     """
     results = []
@@ -210,15 +232,17 @@ def _calibrate_chain(
                 log_ratio = r1 + (r1 - r0) * (math.log(task.steps) - t1) / (t1 - t0)
             guess = approx * math.exp(log_ratio)
         try:
-            calibration, used, spread = _calibrate_row(
+            calibration, note = _calibrate_row(
                 target_epsilon, rate, task, delta, dataset_size, tolerance, discretization, guess, slope
             )
         except UnreachableEpsilonError as err:
-            results.append((task.index, None, None, err.best_epsilon, None, None))
+            results.append((task.index, None, None, err.best_epsilon, None, ""))
             continue
         history.append((rate, math.log(task.steps), math.log(calibration.noise_multiplier / approx)))
         slope = calibration.slope
-        results.append((task.index, calibration.noise_multiplier, calibration.epsilon, None, used, spread))
+        results.append(
+            (task.index, calibration.noise_multiplier, calibration.epsilon, None, calibration.pld_discretization, note)
+        )
     return results
 
 
@@ -283,9 +307,9 @@ def calibrate_grid(
     do not depend on ``workers``, so neither do the results.
 
     Returns:
-        One ``(sigma, epsilon, best_epsilon, pld_discretization, spread)`` per point, in order; sigma and epsilon
-        are None when the target is unreachable, and best_epsilon is then the smallest ε found (else None); spread
-        is set for rows refined to the trainer's precision (see :func:`_calibrate_row`).
+        One ``(sigma, epsilon, best_epsilon, pld_discretization, note)`` per point, in order; sigma and epsilon
+        are None when the target is unreachable, and best_epsilon is then the smallest ε found (else None); note
+        says why a row was refined to the trainer's precision (see :func:`_calibrate_row`).
     """
     if not (isinstance(pld_discretization, float) and DEFAULT_PLD_DISCRETIZATION <= pld_discretization <= 0.01):
         raise ValueError(
@@ -310,7 +334,7 @@ def calibrate_grid(
         with ProcessPoolExecutor(max_workers=n_workers, mp_context=context) as pool:
             futures = [pool.submit(_calibrate_chain, chain, *args) for chain in chains]
             outputs = [future.result() for future in futures]
-    results: list[tuple[float | None, ...]] = [(None,) * 5] * len(points)
+    results: list[tuple[Any, ...]] = [(None, None, None, None, "")] * len(points)
     for output in outputs:
         for index, *result in output:
             results[index] = tuple(result)
@@ -320,17 +344,6 @@ def calibrate_grid(
 # ----------------------------------------------------------------------------------------------------------------
 # The plan
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _row_note(best: float | None, spread: float | None, discretization: float) -> str:
-    if best is not None:
-        return f"unreachable: epsilon >= {best:.3g} even with sigma = {MAX_NOISE_MULTIPLIER:g}"
-    if spread is not None:
-        return (
-            f"epsilon changed by {spread:.2%} between PLD discretisations {discretization:g} and "
-            f"{3 * discretization:g}: calibrated at {DEFAULT_PLD_DISCRETIZATION:g}"
-        )
-    return ""
 
 
 def _explain(plan_rows: list[PlanRow], index: int | None, reached: bool, min_steps: int, epsilon: float) -> str:
@@ -499,7 +512,7 @@ def plan_budget(
     ratios = [None if c[0] is None else c[0] / p.logical_batch_size for p, c in zip(points, calibrated)]
     frontier = _budget.pareto_frontier([p.steps for p in points], ratios)
     rows = []
-    for point, (sigma, epsilon, best, used, spread), ratio, on_frontier in zip(points, calibrated, ratios, frontier):
+    for point, (sigma, epsilon, best, used, note), ratio, on_frontier in zip(points, calibrated, ratios, frontier):
         tokens_used = point.logical_batch_size * seq_len * point.steps
         flops_used = _budget.training_flops(num_parameters, point.logical_batch_size, seq_len, point.steps)
         rows.append(
@@ -518,7 +531,9 @@ def plan_budget(
                 budget_fraction=flops_used / budget_flops,
                 on_frontier=on_frontier,
                 status="ok" if sigma is not None else "unreachable",
-                note=_row_note(best, spread, pld_discretization),
+                note=note
+                if best is None
+                else f"unreachable: epsilon >= {best:.3g} even with sigma = {MAX_NOISE_MULTIPLIER:g}",
                 pld_discretization=used,
             )
         )
