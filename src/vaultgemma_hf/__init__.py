@@ -17,14 +17,15 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0.dev0"
+from ._auto_env import OVERRIDE_ENV as _OVERRIDE_ENV  # noqa: F401  (the switch, importable without torch)
+from ._auto_env import override_requested as _override_requested
 
-_OVERRIDE_ENV = "VAULTGEMMA_HF_OVERRIDE_AUTO"  # same name as vaultgemma_hf.models.auto.OVERRIDE_ENV (tested)
+__version__ = "0.1.0.dev0"
 
 
 def _registration_can_wait() -> bool:
     """True when deferring the Auto registration to the first import of our model classes changes no lookup."""
-    if os.environ.get(_OVERRIDE_ENV, "").strip().lower() in {"1", "true", "yes"} or "transformers" in sys.modules:
+    if _override_requested() or "transformers" in sys.modules:
         return False
     spec = importlib.util.find_spec("transformers")  # locates the package without importing it
     locations = list(spec.submodule_search_locations or []) if spec is not None else []

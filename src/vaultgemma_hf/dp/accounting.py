@@ -143,6 +143,13 @@ def _check_epsilon(epsilon) -> float:
     return epsilon
 
 
+def _check_pld_discretization(pld_discretization) -> float:
+    pld_discretization = _as_float(pld_discretization, "pld_discretization")
+    if not 0.0 < pld_discretization <= 0.1:
+        raise ValueError(f"pld_discretization must be in (0, 0.1], got {pld_discretization}.")
+    return pld_discretization
+
+
 def _check_accountant(accountant: str) -> str:
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
@@ -327,9 +334,7 @@ def compute_epsilon(
     steps = _as_int(steps, "steps", minimum=0)
     delta = _check_delta(delta)
     accountant = _check_accountant(accountant)
-    pld_discretization = _as_float(pld_discretization, "pld_discretization")
-    if not 0.0 < pld_discretization <= 0.1:
-        raise ValueError(f"pld_discretization must be in (0, 0.1], got {pld_discretization}.")
+    pld_discretization = _check_pld_discretization(pld_discretization)
     spec = _check_sampling(sampling, sampling_rate, dataset_size, max_batch_size, logical_batch_size)
     return _epsilon(noise_multiplier, steps, delta, spec, accountant, pld_discretization)
 
@@ -695,9 +700,7 @@ def calibrate_noise(
     tolerance = _as_float(tolerance, "tolerance")
     if not 0.0 < tolerance < 0.5:
         raise ValueError(f"tolerance must be in (0, 0.5), got {tolerance}.")
-    pld_discretization = _as_float(pld_discretization, "pld_discretization")
-    if not 0.0 < pld_discretization <= 0.1:
-        raise ValueError(f"pld_discretization must be in (0, 0.1], got {pld_discretization}.")
+    pld_discretization = _check_pld_discretization(pld_discretization)
     spec = _check_sampling(sampling, sampling_rate, dataset_size, max_batch_size, logical_batch_size)
     if spec.scheme == "truncated_poisson" and accountant == "rdp":
         _epsilon(1.0, 1, delta, spec, accountant, DEFAULT_PLD_DISCRETIZATION)  # raises the explanatory error

@@ -21,17 +21,15 @@ Policy (also in docs/source/en/model_doc/vaultgemma.md):
 
 from __future__ import annotations
 
-import os
-
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedConfig
 from transformers.utils import logging
 
+from .._auto_env import OVERRIDE_ENV, override_requested
 from .vaultgemma import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel
 
 logger = logging.get_logger(__name__)
 
 MODEL_TYPE = "vaultgemma"
-OVERRIDE_ENV = "VAULTGEMMA_HF_OVERRIDE_AUTO"
 
 
 def builtin_vaultgemma_config_class() -> type[PreTrainedConfig] | None:
@@ -74,7 +72,7 @@ def register_auto_classes(override: bool | None = None) -> str:
         "vaultgemma_hf" if `AutoConfig` now resolves "vaultgemma" to our classes, "transformers" otherwise.
     """
     if override is None:
-        override = os.environ.get(OVERRIDE_ENV, "").strip().lower() in {"1", "true", "yes"}
+        override = override_requested()
     builtin = builtin_vaultgemma_config_class()
 
     VaultGemmaConfig.register_for_auto_class()

@@ -45,10 +45,10 @@ from vaultgemma_hf.planning.model_size import VAULTGEMMA_1B_PARAMETERS
 PLAN_FORMAT = "vaultgemma-hf-plan"
 PLAN_FORMAT_VERSION = 1
 CALIBRATION_CHAINS = 2
-PLANNER_PLD_DISCRETIZATION = 1e-3
-"""PLD value discretisation interval of the plan's ε (the trainer reports at ``DEFAULT_PLD_DISCRETIZATION``)."""
 """Rows are calibrated in this many warm-started chains of equal estimated cost (one per core of the 2-core
 target machine; more workers do not help). Fixed, so that results do not depend on the number of workers."""
+PLANNER_PLD_DISCRETIZATION = 1e-3
+"""PLD value discretisation interval of the plan's ε (the trainer reports at ``DEFAULT_PLD_DISCRETIZATION``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,30 +148,20 @@ def _calibrate_row(
         ``(calibration, note)``; the note says why a row was refined ("" otherwise).
     """
     kwargs = dict(dataset_size=dataset_size, logical_batch_size=task.logical_batch_size)
-    if discretization <= DEFAULT_PLD_DISCRETIZATION * 1.01:
-        calibration = calibrate_noise(
-            target_epsilon,
-            rate,
-            task.steps,
-            delta,
-            tolerance=tolerance,
-            initial_guess=guess,
-            initial_slope=slope,
-            pld_discretization=discretization,
-            **kwargs,
-        )
-        return calibration, ""
+    final = discretization <= DEFAULT_PLD_DISCRETIZATION * 1.01  # already the trainer's precision: no check
     calibration = calibrate_noise(
         target_epsilon,
         rate,
         task.steps,
         delta,
-        tolerance=tolerance / 2,
+        tolerance=tolerance if final else tolerance / 2,
         initial_guess=guess,
         initial_slope=slope,
         pld_discretization=discretization,
         **kwargs,
     )
+    if final:
+        return calibration, ""
     noisy = pld_precision_warning(delta, task.steps) is not None
     check = DEFAULT_PLD_DISCRETIZATION if noisy else 3 * discretization
     checked = compute_epsilon(
