@@ -28,15 +28,6 @@ DELTA = 1e-3
 COMMON = dict(report_to=[], use_cpu=True, disable_tqdm=True, dataloader_pin_memory=False, save_strategy="no")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest (and do not fight other processes for the 2 cores) on one thread."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_model(kind: str, tiny_kwargs, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "transformers":

@@ -7,21 +7,12 @@ import math
 
 import dp_accounting
 import pytest
-import torch
 
 from vaultgemma_hf.cli.main import main
 from vaultgemma_hf.cli.train import read_documents
 from vaultgemma_hf.data.packing import pack_documents
 from vaultgemma_hf.planning.planner import PLAN_FORMAT, PLAN_FORMAT_VERSION
 from vaultgemma_hf.trainer import DP_STATE_NAME, DPTrainer, DPTrainingArguments
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture

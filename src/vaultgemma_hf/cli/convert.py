@@ -139,10 +139,7 @@ def run(args: argparse.Namespace) -> int:
     except VerificationError as err:
         print(f"{prefix}: {err}", file=sys.stderr)
         return 1
-    except (ConversionError, MissingDependencyError) as err:
-        print(f"{prefix}: error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
+    except (ConversionError, MissingDependencyError, OSError) as err:
         print(f"{prefix}: error: {err}", file=sys.stderr)
         return 2
     print(report.summary())
