@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test quality style demo docs bench fixtures clean
+.PHONY: install test test-min quality style demo docs bench fixtures clean
 
 install:
 	$(PYTHON) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
@@ -15,6 +15,14 @@ install:
 
 test: install
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider --timeout 900
+
+# The same suite against the oldest transformers setup.py allows (CI tests the newest one), in a venv layered on
+# this environment so only transformers differs.
+TRANSFORMERS_MIN ?= 5.17.0
+test-min: install
+	$(PYTHON) -m venv --system-site-packages .venv-min
+	.venv-min/bin/python -m pip install -q --disable-pip-version-check "transformers==$(TRANSFORMERS_MIN)"
+	.venv-min/bin/python -m pytest tests -q -p no:cacheprovider --timeout 900
 
 quality:
 	$(PYTHON) -m ruff check src tests utils benchmarks examples
@@ -41,4 +49,4 @@ fixtures:
 	$(PYTHON) utils/make_fixtures.py
 
 clean:
-	rm -rf outputs build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf outputs build dist src/*.egg-info .pytest_cache .ruff_cache .venv-min

@@ -174,7 +174,9 @@ def test_logged_epsilon_equals_dp_accounting_and_calibration_meets_target(pld_ru
     assert 0.5 * 0.98 <= final <= 0.5
     assert poisson_pld_epsilon(sigma * 0.97, q, 4) > 0.5  # a noticeably smaller sigma would overspend
     assert trainer.privacy_accountant.steps == trainer.state.global_step == 4
-    assert all({"dp_batch_size", "dp_clipped_fraction"} <= set(h) for h in trainer.state.log_history if "loss" in h)
+    for h in trainer.state.log_history:
+        if "loss" in h:  # clipping statistics exist only when the window sampled something (Poisson: may be empty)
+            assert "dp_batch_size" in h and ("dp_clipped_fraction" in h) == (h["dp_batch_size"] > 0)
 
 
 def test_model_card_and_dp_state_disclose_the_guarantee(pld_run):

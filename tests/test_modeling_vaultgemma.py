@@ -10,6 +10,7 @@ import transformers
 from transformers.cache_utils import StaticCache
 
 from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel
+from vaultgemma_hf.models.vaultgemma.modeling_vaultgemma import CACHE_FIELD
 
 from conftest import tiny_config_kwargs
 
@@ -169,13 +170,21 @@ def test_static_cache_generation_matches_dynamic():
     assert (first - full).abs().max() <= ATOL
 
 
-def test_kv_cache_incremental_matches_full_forward():
-    ours, _ = make_pair(tiny_config_kwargs())
+@pytest.mark.parametrize("name", ["cache", "past_key_values"])
+def test_kv_cache_incremental_matches_full_forward(name):
+    """The cache is taken under either name (transformers >= 5.24 says `cache`, older ones `past_key_values`)."""
+    ours, ref = make_pair(tiny_config_kwargs())
     ids = torch.randint(3, 97, (1, 10))
     with torch.no_grad():
         full = ours(ids).logits
         out = ours(ids[:, :6], use_cache=True)
-        step = ours(ids[:, 6:], past_key_values=out.past_key_values, use_cache=True).logits
+        assert CACHE_FIELD in out and CACHE_FIELD in ref(ids[:, :6], use_cache=True)  # same output field as built-in
+        cache = out[CACHE_FIELD]
+        assert cache.get_seq_length() == 6
+        step = ours(ids[:, 6:], use_cache=True, **{name: cache}).logits
+        assert cache.get_seq_length() == 10
+        with pytest.raises(ValueError, match="not both"):
+            ours(ids[:, 6:], cache=cache, past_key_values=cache)
     assert (step - full[:, 6:]).abs().max() <= ATOL
 
 

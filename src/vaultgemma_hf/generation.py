@@ -9,8 +9,8 @@ CUDA graph whose output buffers are reused, so the logits returned by step t are
 3. marking each step as a new CUDA-graph iteration (`torch.compiler.cudagraph_mark_step_begin()`) and cloning the
    step's output before the next replay.
 
-Works with any causal LM whose forward accepts `position_ids`, `past_key_values` and `logits_to_keep`
-(VaultGemma from this package or transformers). Greedy only, unpadded prompts of equal length.
+Works with any causal LM whose forward accepts `position_ids`, a KV cache (`cache`, or `past_key_values` before
+transformers 5.24) and `logits_to_keep` (VaultGemma from this package or transformers). Greedy only, unpadded prompts of equal length.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.cache_utils import StaticCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The keyword a model's forward takes its KV cache under: `cache` from transformers 5.24, `past_key_values` before.
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class CompiledGreedyDecoder:
@@ -44,7 +48,7 @@ class CompiledGreedyDecoder:
 
     def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         logits = self.model(
-            input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True
+            input_ids=input_ids, position_ids=position_ids, use_cache=True, **{CACHE_KWARG: self.cache}
         ).logits
         return logits[:, -1, :].argmax(dim=-1, keepdim=True)
 
@@ -64,7 +68,7 @@ class CompiledGreedyDecoder:
         device = input_ids.device
         positions = torch.arange(prompt_len, device=device).unsqueeze(0).expand(batch, -1)
         logits = self.model(
-            input_ids=input_ids, position_ids=positions, past_key_values=self.cache, use_cache=True, logits_to_keep=1
+            input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{CACHE_KWARG: self.cache}
         ).logits
         token = logits[:, -1, :].argmax(dim=-1, keepdim=True)
         out = [input_ids, token]

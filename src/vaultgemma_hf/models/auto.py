@@ -16,7 +16,8 @@ Policy (also in docs/source/en/model_doc/vaultgemma.md):
   `VAULTGEMMA_HF_OVERRIDE_AUTO=1` before the import; both log a warning that says so.
 * `AutoModelForSeq2SeqLM` with a VaultGemma config raises an error that points to `AutoModelForCausalLM`
   (VaultGemma is decoder-only; the upstream docs page showed the seq2seq class by mistake). Before, this call
-  failed with a generic "unrecognized configuration" error; no working call changes.
+  failed with a generic "unrecognized configuration" error; no working call changes. transformers 5.17-5.18 ignore
+  registrations for their own config classes, so there the built-in config keeps the generic error.
 """
 
 from __future__ import annotations

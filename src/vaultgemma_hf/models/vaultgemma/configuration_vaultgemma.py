@@ -61,7 +61,7 @@ class VaultGemmaConfig(PreTrainedConfig):
     """
 
     model_type = "vaultgemma"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the KV cache (named `cache` from transformers 5.24)
     base_model_tp_plan = {
         "layers.*.self_attn.q_proj": "colwise",
         "layers.*.self_attn.k_proj": "colwise",

@@ -18,6 +18,7 @@ This file and `configuration_vaultgemma.py` are self-contained: they are copied 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -36,6 +37,21 @@ from transformers.utils import logging
 from .configuration_vaultgemma import VaultGemmaConfig
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` to `cache` (the old name is
+# deprecated until 5.40); 5.17-5.23 know only `past_key_values`. Our forwards accept both names on every version, and
+# talk to transformers (mask builders, output classes) in the name the installed version uses.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """Returns the KV cache passed under either name (`cache`, or the pre-5.24 `past_key_values`)."""
+    if past_key_values is None:
+        return cache
+    if cache is not None:
+        raise ValueError("Pass the KV cache once: as `cache` or as its older name `past_key_values`, not both.")
+    return past_key_values
 
 
 class VaultGemmaRMSNorm(nn.Module):
@@ -201,7 +217,7 @@ class VaultGemmaAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -213,8 +229,8 @@ class VaultGemmaAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attn_output, attn_weights = self._attention_interface()(
             self,
@@ -248,7 +264,7 @@ class VaultGemmaDecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         residual = hidden_states
@@ -257,7 +273,7 @@ class VaultGemmaDecoderLayer(GradientCheckpointingLayer):
             hidden_states=hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
-            past_key_values=past_key_values,
+            cache=cache,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -291,7 +307,7 @@ class VaultGemmaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["VaultGemmaDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True  # softcapped configs fall back to eager inside the attention layer
     _supports_flex_attn = True
@@ -360,12 +376,13 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """Runs the decoder.
@@ -374,15 +391,17 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
             input_ids: Token ids `[batch, seq]` (exactly one of `input_ids` / `inputs_embeds`).
             attention_mask: `[batch, seq_total]` padding mask (1 = attend), or masks already prepared by `generate`.
             position_ids: Positions `[batch, seq]`; by default continue after the cached tokens.
-            past_key_values: A transformers `Cache` (dynamic or static) to read and update.
+            cache: A transformers `Cache` (dynamic or static) to read and update.
             inputs_embeds: Pre-computed, already scaled embeddings `[batch, seq, hidden]`.
             use_cache: Whether to create/return a cache (defaults to `config.use_cache`).
             output_attentions: Return each layer's attention probabilities (eager attention only).
             output_hidden_states: Return the embeddings and each layer's output (the last one after the final norm).
             return_dict: Return a `BaseModelOutputWithPast` (default) or a tuple.
+            past_key_values: The name of `cache` before transformers 5.24 (accepted on every version).
 
         Returns:
-            `BaseModelOutputWithPast` with `last_hidden_state` after the final norm.
+            `BaseModelOutputWithPast` with `last_hidden_state` after the final norm and the cache (in the field
+            `cache` on transformers >= 5.24, `past_key_values` before).
         """
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         output_hidden_states = (
@@ -393,23 +412,27 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
         self._fall_back_from_sdpa_if_softcapped()  # also after a later set_attn_implementation("sdpa")
-        if self.gradient_checkpointing and self.training and use_cache:
-            use_cache = False  # caches are useless (and wasteful) when recomputing activations
+        cache = _one_cache(cache, past_key_values)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The backward pass replays each layer, which would write its keys/values into a cache a second time.
+            if use_cache or cache is not None:
+                logger.warning_once("VaultGemma: a KV cache is not used with gradient checkpointing in training.")
+            use_cache, cache = False, None
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         # Length policy: refuse to attend beyond max_position_embeddings. Only shape information is used (no device
         # sync, compile-friendly): a dynamic cache reports its length from shapes; with a static cache and explicit
         # position_ids (compiled generation) only the new tokens are checked, so the prompt is still refused.
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        elif isinstance(past_key_values, DynamicCache):
-            past_seen_tokens = past_key_values.get_seq_length()
+        elif isinstance(cache, DynamicCache):
+            past_seen_tokens = cache.get_seq_length()
         else:
             past_seen_tokens = 0
         self._check_length(seq_len, past_seen_tokens)
@@ -420,7 +443,7 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                _MASK_CACHE_KWARG: cache,
                 "position_ids": position_ids,
             }
             causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -439,7 +462,7 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
                 attention_mask=causal_mask_mapping[self.config.layer_types[i]],
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=cache,
                 **kwargs,
             )
             if output_attentions:
@@ -450,9 +473,9 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
             hidden_states=all_hidden_states,
             attentions=all_attentions,
+            **{CACHE_FIELD: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
 
@@ -488,7 +511,7 @@ class VaultGemmaForCausalLM(VaultGemmaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | dict | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -496,6 +519,7 @@ class VaultGemmaForCausalLM(VaultGemmaPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Runs the decoder and the LM head.
@@ -515,7 +539,7 @@ class VaultGemmaForCausalLM(VaultGemmaPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
@@ -541,9 +565,9 @@ class VaultGemmaForCausalLM(VaultGemmaPreTrainedModel, GenerationMixin):
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
         return output if return_dict else output.to_tuple()
 
