@@ -2,8 +2,9 @@
 
 from setuptools import find_packages, setup
 
-# Versions tested in CI are the lower bounds; the upper bound of transformers is the next major release
-# because the model code only uses transformers' public API.
+# transformers: CI (`make test`) runs the newest 5.x release, `make test-min` the 5.17.0 lower bound (the GPU image's
+# version); the upper bound is the next major release because the model code only uses transformers' public API
+# (5.24's rename of `past_key_values` to `cache` is handled: both names are accepted).
 install_requires = [
     "torch>=2.6",
     "transformers>=5.17,<6",

@@ -201,7 +201,7 @@ def test_logits_to_keep():
 def test_gradient_checkpointing_gives_same_gradients():
     ours, _ = make_pair(tiny_config_kwargs())
     ckpt = copy.deepcopy(ours)
-    # transformers >= 5.2x renames it activation_checkpointing_enable (the old name warns); >= 5.17 has the old one.
+    # transformers >= 5.23 renames it activation_checkpointing_enable (the old name warns); 5.17-5.22 have the old one.
     (getattr(ckpt, "activation_checkpointing_enable", None) or ckpt.gradient_checkpointing_enable)()
     ours.train(), ckpt.train()
     ids = torch.randint(3, 97, (2, 8))
