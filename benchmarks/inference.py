@@ -62,7 +62,12 @@ def main() -> int:
     ours, ref = build_models(args.shape, device, dtype)
     models = {"ours": ours, "built-in": ref}
     vocab = ours.config.vocab_size
-    rows = []
+    rows: list[list[str]] = []
+
+    def add_row(row: list[str]) -> None:
+        """Keeps the row for the final table and prints it at once (a run cut short still reports it)."""
+        rows.append(row)
+        print("| " + " | ".join(row) + " |", flush=True)
 
     prefill = torch.randint(3, vocab, (args.prefill_batch, args.prefill_len), device=device)
     with torch.inference_mode():
@@ -73,7 +78,7 @@ def main() -> int:
             warmup=args.warmup,
         )
     tokens = prefill.numel()
-    rows.append(
+    add_row(
         [
             f"prefill {args.prefill_batch}x{args.prefill_len} (ours sdpa, built-in eager)",
             f"{tokens / times['ours']:,.0f}",
@@ -92,7 +97,7 @@ def main() -> int:
             warmup=1,
         )
         new = batch * args.new_tokens
-        rows.append(
+        add_row(
             [
                 f"decode batch {batch}, eager, dynamic cache",
                 f"{new / times['ours']:,.1f}",
@@ -119,7 +124,7 @@ def main() -> int:
             repeats=args.repeats,
             warmup=1,
         )
-        rows.append(
+        add_row(
             [
                 f"decode batch {batch}, static cache + compile (first call ours {first_ours:.0f} s, built-in {first_ref:.0f} s)",
                 f"{new / times['ours']:,.1f}",
