@@ -9,6 +9,7 @@ import torch
 import transformers
 from transformers.cache_utils import StaticCache
 
+import vaultgemma_hf
 from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel
 from vaultgemma_hf.models.vaultgemma.modeling_vaultgemma import CACHE_FIELD
 
@@ -129,6 +130,17 @@ def test_greedy_generation_matches_builtin(name):
     mask[1, :2] = 0
     kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(ours.generate(prompt, **kwargs), ref.generate(prompt, **kwargs))
+
+
+def test_parallelism_plans_and_tying_match_builtin():
+    """Class-level metadata transformers reads (TP/PP/FSDP plans, tying, device-map splits) is the built-in's."""
+    for cls_name in ("VaultGemmaModel", "VaultGemmaForCausalLM"):
+        ours, ref = getattr(vaultgemma_hf, cls_name), getattr(transformers, cls_name)
+        for attr in ("_tp_plan", "_pp_plan", "_fsdp_plan", "_tied_weights_keys", "_no_split_modules"):
+            if getattr(ref, attr, None) is not None:  # _fsdp_plan appears in transformers 5.23
+                assert getattr(ours, attr) == getattr(ref, attr), (cls_name, attr)
+    for attr in ("base_model_tp_plan", "base_model_pp_plan"):
+        assert getattr(VaultGemmaConfig, attr) == getattr(transformers.VaultGemmaConfig, attr), attr
 
 
 def test_sdpa_matches_eager_when_not_softcapped():
