@@ -17,10 +17,12 @@ test: install
 	$(PYTHON) -m pytest tests -q -p no:cacheprovider --timeout 900
 
 # The same suite against the oldest transformers setup.py allows (CI tests the newest one), in a venv layered on
-# this environment so only transformers differs.
+# this environment (also when it is itself a venv): the venv holds transformers and whatever it needs that differs.
 TRANSFORMERS_MIN ?= 5.17.0
 test-min: install
-	$(PYTHON) -m venv --system-site-packages .venv-min
+	$(PYTHON) -m venv .venv-min
+	$(PYTHON) -c "import site; print('import site; ' + '; '.join(f'site.addsitedir({d!r})' for d in site.getsitepackages()))" \
+		> "$$(.venv-min/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-outer-env.pth"
 	.venv-min/bin/python -m pip install -q --disable-pip-version-check "transformers==$(TRANSFORMERS_MIN)"
 	.venv-min/bin/python -m pytest tests -q -p no:cacheprovider --timeout 900
 
