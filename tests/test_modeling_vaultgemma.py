@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from transformers.cache_utils import StaticCache
 
 import vaultgemma_hf
 from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel
+from vaultgemma_hf.generation import CompiledGreedyDecoder
 from vaultgemma_hf.models.vaultgemma.modeling_vaultgemma import CACHE_FIELD
 
 from conftest import tiny_config_kwargs
@@ -89,12 +92,15 @@ def test_defaults_are_the_released_1b():
         (dict(layer_types=["sliding_attention"] * 2, sliding_window=None), "sliding_window must be a positive"),
         (dict(attn_logit_softcapping=-1.0), "attn_logit_softcapping must be None"),
         (dict(pad_token_id=500), "pad_token_id (500) must lie in"),
+        (dict(eos_token_id=[1, 10**7]), "eos_token_id ([1, 10000000]) must lie in"),
+        (dict(hidden_activation="nope"), "hidden_activation 'nope' is not a transformers activation"),
+        (dict(rope_parameters={"rope_type": "bogus", "rope_theta": 10000.0}), "unknown rope_type 'bogus'"),
     ],
 )
 def test_config_validation(overrides, message):
     kwargs = tiny_config_kwargs()
     kwargs.update(overrides)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         VaultGemmaConfig(**kwargs)
 
 
@@ -163,9 +169,11 @@ def test_sdpa_is_the_default_and_softcap_falls_back_to_eager(caplog):
     ids = torch.randint(3, 97, (2, 9))
     assert ours.config._attn_implementation == "eager"  # switched when the model was built
     ours.set_attn_implementation("sdpa")  # asked again later: the next forward switches back, with a warning
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only warnings: forget earlier tests' messages
     with caplog.at_level("WARNING"), torch.no_grad():
         logits = ours(ids).logits
     assert ours.config._attn_implementation == "eager"
+    assert "SDPA cannot softcap" in caplog.text
     assert (logits - ref(ids).logits).abs().max() <= ATOL
 
 
@@ -238,9 +246,26 @@ def test_prompt_longer_than_positions_is_refused():
     ours, _ = make_pair(tiny_config_kwargs(max_position_embeddings=16))
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
         ours(torch.randint(3, 97, (1, 17)))
+    prompt = torch.randint(3, 97, (1, 10))
+    for cache in ("dynamic", "static"):  # the static path passes explicit positions: those are checked
+        with pytest.raises(ValueError, match="max_position_embeddings=16"):
+            ours.generate(prompt, max_new_tokens=10, do_sample=False, cache_implementation=cache)
+        # the last new token is not fed back: 10 + 7 tokens use positions 0..15, the limit
+        out = ours.generate(prompt, max_new_tokens=7, min_new_tokens=7, do_sample=False, cache_implementation=cache)
+        assert out.shape == (1, 17)
     with pytest.raises(ValueError, match="max_position_embeddings=16"):
-        ours.generate(torch.randint(3, 97, (1, 10)), max_new_tokens=10, do_sample=False)
+        CompiledGreedyDecoder(ours, max_cache_len=40, compile=False).generate(prompt, 10)
+    assert CompiledGreedyDecoder(ours, max_cache_len=40, compile=False).generate(prompt, 7).shape == (1, 17)
     ours(torch.randint(3, 97, (1, 16)))  # exactly the limit is fine
+
+
+def test_pickle_weights_are_refused_not_unpickled(tmp_path, monkeypatch):
+    ours, _ = make_pair(tiny_config_kwargs())
+    ours.config.save_pretrained(tmp_path)
+    torch.save(ours.state_dict(), tmp_path / "pytorch_model.bin")
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: pytest.fail("weights were unpickled"))
+    with pytest.raises(OSError, match="model.safetensors"):
+        VaultGemmaForCausalLM.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("direction", ["ours_to_builtin", "builtin_to_ours"])
@@ -287,6 +312,15 @@ def test_base_model_outputs_and_attentions():
         assert torch.allclose(out.last_hidden_state, hidden, atol=ATOL)
         as_tuple = ours(ids, return_dict=False)
         assert torch.equal(as_tuple[0], ours(ids).logits)
+
+
+def test_output_attentions_on_sdpa_warns(caplog):
+    ours, _ = make_pair(tiny_config_kwargs(), attn="sdpa")
+    assert ours.config._attn_implementation == "sdpa"
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level("WARNING"), torch.no_grad():
+        attentions = ours(torch.randint(3, 97, (1, 6)), output_attentions=True).attentions
+    assert all(a is None for a in attentions) and "needs eager attention" in caplog.text
 
 
 @pytest.mark.parametrize("name", ["released_like", "sliding_softcap"])

@@ -60,6 +60,15 @@ class CompiledGreedyDecoder:
             raise ValueError(
                 f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_cache_len ({self.max_cache_len})"
             )
+        # The compiled step skips the model's own position check (no device sync inside the graph): check here. The
+        # last new token is not fed back, so positions 0 .. prompt_len + max_new_tokens - 2 are used, as in generate.
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is not None and prompt_len + max_new_tokens - 1 > limit:
+            raise ValueError(
+                f"The model attends over at most max_position_embeddings={limit} positions, but prompt ({prompt_len}) + "
+                f"max_new_tokens ({max_new_tokens}) needs {prompt_len + max_new_tokens - 1}. Shorten the prompt or "
+                "lower max_new_tokens."
+            )
         if self.cache is None or self._cache_batch != batch:
             self.cache = StaticCache(config=self.model.config, max_cache_len=self.max_cache_len)
             self._cache_batch = batch

@@ -69,7 +69,9 @@ def load_hf_model(source: str | os.PathLike | torch.nn.Module, *, round_to: torc
         model = source
     else:
         _, model_class = model_classes()
-        model = model_class.from_pretrained(str(source), dtype=torch.float32, attn_implementation="eager")
+        model = model_class.from_pretrained(
+            str(source), dtype=torch.float32, attn_implementation="eager", use_safetensors=True
+        )
     if round_to is not None:
         model = model.to(round_to)
     model = model.to(torch.float32).eval()

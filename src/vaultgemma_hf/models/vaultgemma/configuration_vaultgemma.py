@@ -9,6 +9,8 @@ import nothing from `vaultgemma_hf`.
 from __future__ import annotations
 
 from transformers import PreTrainedConfig
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -157,10 +159,24 @@ class VaultGemmaConfig(PreTrainedConfig):
             raise ValueError(f"VaultGemmaConfig.rms_norm_eps must be positive, got {self.rms_norm_eps}.")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"VaultGemmaConfig.attention_dropout must be in [0, 1), got {self.attention_dropout}.")
-        for name in ("pad_token_id", "bos_token_id"):
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"VaultGemmaConfig.{name} ({value}) must lie in [0, vocab_size={self.vocab_size}).")
+            for token_id in value if isinstance(value, (list, tuple)) else [value]:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(
+                        f"VaultGemmaConfig.{name} ({value}) must lie in [0, vocab_size={self.vocab_size})."
+                    )
+        if self.hidden_activation not in ACT2FN:
+            raise ValueError(
+                f"VaultGemmaConfig.hidden_activation {self.hidden_activation!r} is not a transformers activation "
+                "(the release uses 'gelu_pytorch_tanh')."
+            )
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(
+                f"VaultGemmaConfig.rope_parameters has unknown rope_type {rope_type!r}; allowed: "
+                f"{['default', *sorted(ROPE_INIT_FUNCTIONS)]}."
+            )
 
 
 __all__ = ["VaultGemmaConfig"]

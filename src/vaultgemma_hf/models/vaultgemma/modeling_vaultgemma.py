@@ -327,6 +327,16 @@ class VaultGemmaPreTrainedModel(PreTrainedModel):
             )
             self.config._attn_implementation = "eager"
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' `from_pretrained`, reading weights from safetensors files only by default.
+
+        A checkpoint that has only pickle weights (`pytorch_model.bin`) is refused rather than unpickled; pass
+        `use_safetensors=False` explicitly to accept it.
+        """
+        kwargs.setdefault("use_safetensors", True)
+        return super().from_pretrained(*args, **kwargs)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -412,6 +422,12 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds.")
         self._fall_back_from_sdpa_if_softcapped()  # also after a later set_attn_implementation("sdpa")
+        if output_attentions and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"VaultGemma: output_attentions=True needs eager attention; the {self.config._attn_implementation!r} "
+                "backend returns None for every layer. Load or set the model with attn_implementation='eager' to get "
+                "attention probabilities."
+            )
         cache = _one_cache(cache, past_key_values)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # The backward pass replays each layer, which would write its keys/values into a cache a second time.
@@ -423,9 +439,11 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
-        # Length policy: refuse to attend beyond max_position_embeddings. Only shape information is used (no device
-        # sync, compile-friendly): a dynamic cache reports its length from shapes; with a static cache and explicit
-        # position_ids (compiled generation) only the new tokens are checked, so the prompt is still refused.
+        # Length policy: refuse to attend beyond max_position_embeddings. A dynamic cache reports its length from
+        # shapes (no device sync). With a static cache and explicit position_ids (generate's static path) the
+        # positions themselves are checked: one device sync, outside torch.compile only (eager decoding syncs every
+        # step anyway); compiled decoding steps are checked by their caller (`CompiledGreedyDecoder` refuses prompt +
+        # new tokens beyond the limit up front; transformers' compiled static `generate` checks its eager prefill).
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
@@ -433,6 +451,8 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
             position_ids = position_ids.unsqueeze(0)
         elif isinstance(cache, DynamicCache):
             past_seen_tokens = cache.get_seq_length()
+        elif cache is not None and not torch.compiler.is_compiling():
+            past_seen_tokens = max(int(position_ids.max()) + 1 - seq_len, 0)  # the positions RoPE will see
         else:
             past_seen_tokens = 0
         self._check_length(seq_len, past_seen_tokens)
