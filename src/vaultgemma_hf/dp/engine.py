@@ -16,6 +16,11 @@ One logical DP-SGD step::
 While attached, every forward run with gradients enabled is recorded for the next :meth:`DPGradientEngine.backward`;
 calling ``loss.backward()`` directly is an error. Gradient checkpointing and wrapping the model in
 ``DistributedDataParallel`` are not supported (the engine all-reduces the clipped sums itself).
+
+The trainable set (``requires_grad``) is fixed when the engine is built: a parameter unfrozen later would get its raw,
+unclipped gradient from autograd, one frozen later would still be updated. Both are refused with an error at the next
+:meth:`DPGradientEngine.backward` / :meth:`DPGradientEngine.finalize_step`; set ``requires_grad`` before building the
+engine (and the trainer), or detach the engine and build a new one after changing it.
 """
 
 from __future__ import annotations
@@ -53,6 +58,11 @@ class _AttachToGraph(torch.autograd.Function):
         return None, grad
 
 
+def _name_list(params: list[nn.Parameter], names: dict[int, str], limit: int = 20) -> str:
+    listed = ", ".join(names.get(id(p), "<unnamed>") for p in params[:limit])
+    return listed + (f" ... ({len(params)} in all)" if len(params) > limit else "")
+
+
 def _in_autograd_backward() -> bool:
     current = getattr(torch._C, "_current_graph_task_id", None)
     return current is not None and current() != -1
@@ -68,7 +78,8 @@ class DPGradientEngine:
     per-sample gradients, cross terms included in the norm.
 
     Args:
-        model: the model. Its parameters with ``requires_grad=True`` at construction are the trainable ones.
+        model: the model. Its parameters with ``requires_grad=True`` at construction are the trainable ones; this set
+            must not change while the engine is attached (changes are refused with a ``RuntimeError``).
         max_grad_norm: clipping norm C (> 0).
         norm_dtype: dtype of norms and per-sample math (float32; wider inputs keep their precision).
         chunk_bytes: cap on temporary per-sample buffers; work is split over samples to stay under it.
@@ -131,11 +142,15 @@ class DPGradientEngine:
         missing = [name for name, p in self.trainable_parameters if id(p) not in self._owners]
         if missing:  # cannot happen with nn.Module bookkeeping, kept as a guard
             raise UnsupportedModuleError(f"Trainable parameters without an owning module: {missing}")
+        # The trainable set as built, for a cheap per-micro-batch check (one attribute read per parameter).
+        self._all_params: tuple[nn.Parameter, ...] = tuple(model.parameters())
+        self._expected_requires_grad: list[bool] = [id(p) in self._params for p in self._all_params]
 
         self._handles: list[Any] = []
         self._attached = True
         self._suspend_depth = 0
         self._off_count: dict[int, int] = {}
+        self._saved_requires_grad: dict[int, bool] = {}
         self._calls: list[Call] = []
         self._uses: dict[int, int] = {}
         self._cast_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
@@ -172,14 +187,21 @@ class DPGradientEngine:
             self._suspend_depth -= 1
 
     def _switch(self, rule: ModuleRule, off: bool) -> None:
+        """Turns ``requires_grad`` off for the rule's parameters during its module's forward, then restores it.
+
+        Off, autograd computes no summed weight gradient (the engine recomputes it per sample, clipped). Nested or
+        shared uses (tied weights) are counted; the outermost restore puts back the state saved when switching off,
+        so a parameter the user froze stays frozen (and is then refused by :meth:`_check_trainable_set`).
+        """
         for _, p in rule.params:
             key = id(p)
             count = self._off_count.get(key, 0) + (1 if off else -1)
             self._off_count[key] = count
             if off and count == 1:
+                self._saved_requires_grad[key] = p.requires_grad
                 p.requires_grad_(False)
             elif not off and count == 0:
-                p.requires_grad_(True)
+                p.requires_grad_(self._saved_requires_grad.pop(key, True))
 
     def _pre_hook(self, rule: ModuleRule):
         def hook(module: nn.Module, args: tuple) -> None:
@@ -225,6 +247,76 @@ class DPGradientEngine:
             )
 
         return hook
+
+    def _check_trainable_set(self) -> None:
+        """Raises if a parameter's ``requires_grad`` differs from what it was when the engine was built.
+
+        Cheap enough for every micro-batch: one ``requires_grad`` read per cached parameter and one list comparison;
+        names are only looked up when something changed.
+
+        Raises:
+            RuntimeError: the trainable set changed (the message names the parameters and what to do).
+        """
+        if [p.requires_grad for p in self._all_params] == self._expected_requires_grad:
+            return
+        unfrozen, frozen = [], []
+        for p, expected in zip(self._all_params, self._expected_requires_grad):
+            if self._off_count.get(id(p), 0) > 0:  # switched off by the engine inside its module's forward
+                continue
+            if p.requires_grad and not expected:
+                unfrozen.append(p)
+            elif expected and not p.requires_grad:
+                frozen.append(p)
+        if not unfrozen and not frozen:
+            return
+        names = self._parameter_names()
+        parts = []
+        if unfrozen:
+            parts.append(
+                f"made trainable (requires_grad=True) after the engine was built, so autograd would hand their raw, "
+                f"unclipped and un-noised gradient to the optimizer: {_name_list(unfrozen, names)}"
+            )
+        if frozen:
+            parts.append(
+                f"frozen (requires_grad=False) after the engine was built, which still clips, noises and writes "
+                f"their gradient: {_name_list(frozen, names)}"
+            )
+        raise RuntimeError(
+            "The trainable parameter set changed while the DPGradientEngine was attached; parameters "
+            + "; parameters ".join(parts)
+            + ". Set requires_grad on every parameter before building the DPTrainer / DPGradientEngine (the "
+            "optimizer is built from the same set), or, to change it (e.g. gradual unfreezing), call "
+            "engine.detach() and build a new engine (and optimizer) afterwards. Nothing was accumulated or applied."
+        )
+
+    def _check_stray_gradients(self) -> None:
+        """Raises if a parameter of the model that the engine does not manage holds a gradient.
+
+        Last line of defence before the optimizer step: such a gradient was computed by autograd outside the engine
+        (a parameter unfrozen, replaced or added after the engine was built, or a plain ``backward()``), so it is
+        neither clipped nor noised. Walks ``model.parameters()`` once per logical step, so new parameters are seen.
+
+        Raises:
+            RuntimeError: such gradients exist (the message names the parameters).
+        """
+        stray = [p for p in self.model.parameters() if p.grad is not None and id(p) not in self._params]
+        if not stray:
+            return
+        names = self._parameter_names()
+        listed = ", ".join(
+            f"{names.get(id(p), '<unnamed>')} (requires_grad={p.requires_grad})" for p in stray[:20]
+        ) + (f" ... ({len(stray)} in all)" if len(stray) > 20 else "")
+        raise RuntimeError(
+            f"Parameter(s) not managed by the DPGradientEngine hold a gradient: {listed}. An optimizer step would "
+            "apply it without per-sample clipping or noise, breaking the DP guarantee. It was computed outside the "
+            "engine (a parameter made trainable, replaced or added after the engine was built, or a plain "
+            "backward()). Set requires_grad and add all parameters before building the DPTrainer / "
+            "DPGradientEngine (or detach it and build a new one), and clear stale gradients (p.grad = None, "
+            "model.zero_grad()). No gradient was written for this step."
+        )
+
+    def _parameter_names(self) -> dict[int, str]:
+        return {id(p): name for name, p in self.model.named_parameters()}
 
     def _use_count(self, param: nn.Parameter) -> int:
         return self._uses.get(id(param), 0)
@@ -313,6 +405,8 @@ class DPGradientEngine:
             ValueError: bad shapes, or a non-finite per-sample gradient norm.
             UnsupportedModuleError: a parameter got gradient through a path the hooks cannot see, or a module
                 does not keep the sample dimension first.
+            RuntimeError: the trainable parameter set changed since the engine was built (checked before autograd
+                runs, so no unclipped gradient reaches ``p.grad``).
         """
         self._check_attached()
         if not isinstance(per_example_loss, torch.Tensor) or per_example_loss.dim() != 1:
@@ -333,6 +427,7 @@ class DPGradientEngine:
         self._batch, self._mask, self._mask_all = batch, mask, n_real == batch
         self._pending = []
         try:
+            self._check_trainable_set()
             if n_real > 0 and per_example_loss.requires_grad:
                 self._in_backward = True
                 torch.autograd.backward(per_example_loss, grad_tensors=mask.to(per_example_loss.dtype))
@@ -413,8 +508,15 @@ class DPGradientEngine:
             noise_multiplier: sigma (>= 0; 0 only for non-private controls).
             expected_batch_size: the expected number of samples per logical step (> 0), not the realised one.
             generator: random generator for the noise; default: one per device seeded from OS entropy.
+
+        Raises:
+            ValueError: bad ``noise_multiplier`` or ``expected_batch_size``.
+            RuntimeError: the trainable parameter set changed since the engine was built, or a parameter the engine
+                does not manage holds a gradient (it would be applied unclipped); nothing is written then.
         """
         self._check_attached()
+        self._check_trainable_set()
+        self._check_stray_gradients()
         if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
         if not (math.isfinite(expected_batch_size) and expected_batch_size > 0):
@@ -463,14 +565,15 @@ class DPGradientEngine:
         self.num_accumulated = 0
 
     def detach(self) -> None:
-        """Removes all hooks; the model behaves as before (parameters keep ``requires_grad=True``)."""
+        """Removes all hooks; the model behaves as before (parameters keep their ``requires_grad``)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
         for key, count in self._off_count.items():
             if count > 0 and key in self._params:
-                self._params[key].requires_grad_(True)
+                self._params[key].requires_grad_(self._saved_requires_grad.get(key, True))
         self._off_count = {}
+        self._saved_requires_grad = {}
         self.zero_accumulator()
         self._attached = False
 
