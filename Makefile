@@ -2,7 +2,7 @@
 PYTHON ?= python
 # The CPU build of torch is what CI and these machines use; on a GPU machine: make install TORCH_SPEC=torch
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,convert,plot
+EXTRAS ?= test,convert,plot,quality
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
