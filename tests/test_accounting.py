@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 
 import dp_accounting
 import pytest
+import torch
 from dp_accounting import pld, rdp
 from scipy import stats
 
@@ -20,7 +22,9 @@ from vaultgemma_hf.dp.accounting import (
     dp_accounting_version,
     make_dp_event,
     pld_precision_warning,
+    shuffle_epochs,
 )
+from vaultgemma_hf.dp.sampling import DPBatchSampler
 
 
 def pld_epsilon(event: dp_accounting.DpEvent, delta: float, **kwargs) -> float:
@@ -96,9 +100,10 @@ def test_truncated_poisson_with_rdp_is_refused_with_advice():
         )
 
 
-@pytest.mark.parametrize(("steps", "epochs"), [(1, 1), (10, 3), (11, 4), (7, 3)])
+@pytest.mark.parametrize(("steps", "epochs"), [(1, 1), (3, 1), (4, 2), (7, 3), (10, 4), (11, 4), (30, 10)])
 def test_shuffle_is_gaussian_composition_over_epochs(steps, epochs):
-    # N = 1000, B = 300: an epoch is 1000/300 = 3.33 steps; each started epoch counts in full.
+    # N = 1000, B = 300: the sampler cuts floor(1000/300) = 3 batches per epoch (100 sequences are left out of
+    # each epoch), so 10 steps start 4 epochs (not ceil(10 * 300 / 1000) = 3); each started epoch counts in full.
     kwargs = dict(sampling="shuffle", dataset_size=1000, logical_batch_size=300)
     event = make_dp_event(2.0, 0.3, steps, **kwargs)
     assert event == dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), epochs)
@@ -106,6 +111,41 @@ def test_shuffle_is_gaussian_composition_over_epochs(steps, epochs):
     # independent oracle: `epochs` Gaussian mechanisms = one with mu = sqrt(epochs)/sigma (exact formula)
     assert eps == pytest.approx(gaussian_epsilon(math.sqrt(epochs) / 2.0, 1e-6), rel=2e-3)
     assert eps >= gaussian_epsilon(math.sqrt(epochs) / 2.0, 1e-6) - 1e-9  # PLD is pessimistic
+
+
+@pytest.mark.parametrize(
+    ("dataset_size", "batch_size", "steps"),
+    [(10, 4, 5), (1000, 300, 30), (7, 3, 7), (12, 5, 3), (100, 30, 4), (24, 4, 6), (10, 9, 10), (8, 8, 3)],
+)
+def test_shuffle_epochs_match_what_the_sampler_draws(dataset_size, batch_size, steps):
+    """The accountant composes at least as many Gaussians as the shuffle sampler starts epochs (and uses units)."""
+    sampler = DPBatchSampler(
+        dataset_size,
+        batch_size,
+        sampling="shuffle",
+        micro_batches_per_step=1,
+        micro_batch_size=batch_size,
+        generator=torch.Generator().manual_seed(0),
+    )
+    batches, epochs_started = [], 0
+    while len(batches) < steps:  # like the HF loop: one pass over the batch sampler per epoch
+        epochs_started += 1
+        for batch in sampler:
+            batches.append(batch)
+            if len(batches) == steps:
+                break
+    participations = collections.Counter(i for batch in batches for i in batch)
+    event = make_dp_event(
+        2.0,
+        batch_size / dataset_size,
+        steps,
+        sampling="shuffle",
+        dataset_size=dataset_size,
+        logical_batch_size=batch_size,
+    )
+    assert event == dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), epochs_started)
+    assert max(participations.values()) <= event.count
+    assert shuffle_epochs(steps, dataset_size, batch_size) == epochs_started
 
 
 def test_full_batch_matches_exact_gaussian_composition():

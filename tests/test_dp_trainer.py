@@ -7,6 +7,7 @@ sequence and the model's own HF loss (the clipped gradient sum), and the closed-
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 import transformers
 from transformers import TrainerCallback
 
-from vaultgemma_hf.data.packing import DataCollatorForPackedSequences, pack_documents
+from vaultgemma_hf.data.packing import DataCollatorForPackedSequences, PackedDataset, pack_documents
 from vaultgemma_hf.dp.engine import DPGradientEngine
 from vaultgemma_hf.dp.sampling import PAD_INDEX, DPBatchSampler, fresh_generator
 from vaultgemma_hf.trainer import DP_STATE_NAME, DPTrainer, DPTrainingArguments
@@ -131,6 +132,35 @@ def test_arguments_refuse_unsafe_or_confusing_settings(tmp_path):
         DPTrainingArguments(**base, noise_multiplier=-1.0)
 
 
+def test_every_dp_argument_has_help_text():
+    # HfArgumentParser turns `help` into the `vaultgemma-hf train --help` text: every field the DP subclass declares
+    # (new ones and the overridden max_grad_norm) must explain itself.
+    declared = set(vars(DPTrainingArguments).get("__annotations__", {}))
+    fields = {f.name: f for f in dataclasses.fields(DPTrainingArguments)}
+    inherited = {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
+    assert set(fields) - inherited <= declared and "max_grad_norm" in declared and "target_epsilon" in declared
+    missing = [name for name in sorted(declared) if not str(fields[name].metadata.get("help", "")).strip()]
+    assert not missing, f"DPTrainingArguments fields without help: {missing}"
+
+
+def test_default_target_delta_and_large_delta_warning(tmp_path, tiny_kwargs, caplog):
+    dataset = make_dataset()
+    n = len(dataset)
+    for delta, expected, warned in ((None, n**-1.1, False), (1.0 / n, 1.0 / n, True), (0.5, 0.5, True)):
+        args = args_for(tmp_path, noise_multiplier=2.0, target_delta=delta, logical_batch_size=2, max_steps=3)
+        assert args.target_delta == delta
+        trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=dataset)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vaultgemma_hf.trainer.dp_trainer"):
+            trainer.setup_privacy()
+        assert trainer.target_delta == pytest.approx(expected, rel=1e-12)
+        if delta is None:
+            assert trainer.target_delta < 1.0 / n  # the default N**-1.1 is always below 1/N
+        assert (f"is >= 1/N = {1.0 / n:g}" in caplog.text) is warned, caplog.text
+        trainer.privacy_accountant.step(3)
+        assert trainer.get_epsilon() == pytest.approx(poisson_pld_epsilon(2.0, 2 / n, 3, expected), rel=1e-9)
+
+
 # --------------------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def pld_run(tmp_path_factory):
@@ -188,6 +218,7 @@ def test_model_card_and_dp_state_disclose_the_guarantee(pld_run):
     assert state["noise_multiplier"] == trainer.noise_multiplier
     assert state["dataset_sha256"] == dataset.sha256()
     assert f"{trainer.get_epsilon():.4g}" in card
+    flat = " ".join(card.split())  # the template wraps its prose
     for needle in (
         "one training sequence of 16 tokens",
         f"{DELTA:.3g}",
@@ -205,9 +236,21 @@ def test_model_card_and_dp_state_disclose_the_guarantee(pld_run):
         "1024-token sequence",
         "do not compose into one number",
         "TESTING RUN" if args.deterministic_noise_for_testing else "fresh OS entropy",
+        "(add/remove adjacency)",
+        # what the guarantee covers, and what it does not
+        "the model weights: the final and every checkpointed set of parameters",
+        "optimizer state",
+        "## What the guarantee does not cover",
+        "`trainer_state.json`",
+        "`dp_batch_size`",
+        "`dp_mean_grad_norm`",
+        "`dp_clipped_fraction`",
+        "training data SHA-256",
+        "do not release these records with the model",
     ):
-        assert needle in card, needle
+        assert needle in flat, needle
     assert "NOT PRIVATE" not in card
+    assert "every intermediate checkpoint" not in flat  # the old over-claim (logs are in every checkpoint)
     assert os.path.isfile(os.path.join(out, "checkpoint-2", DP_STATE_NAME))
     assert os.path.isfile(os.path.join(out, "checkpoint-2", "README.md"))
 
@@ -399,14 +442,140 @@ def test_shuffle_opt_in_is_accounted_without_amplification_and_flagged(tmp_path,
     )
     trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=dataset)
     trainer.train()
-    epochs = math.ceil(2 * 4 / len(dataset))
-    oracle = dp_accounting.pld.PLDAccountant()
-    oracle.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(2.0), epochs))
-    assert trainer.get_epsilon() == pytest.approx(oracle.get_epsilon(DELTA), rel=1e-9)
+    epochs = math.ceil(2 / (len(dataset) // 4))  # epochs of floor(N / L) steps (the remainder sits each one out)
+    assert trainer.get_epsilon() == pytest.approx(gaussian_composition_epsilon(2.0, epochs), rel=1e-9)
     assert all(h["dp_batch_size"] == 4 for h in trainer.state.log_history if "loss" in h)
     trainer.save_model()
     card = open(os.path.join(args.output_dir, "README.md"), encoding="utf-8").read()
     assert "SHUFFLED fixed-size batches" in card and "no Poisson amplification" in card
+    # the shuffle bound (sensitivity C, one Gaussian per epoch) is a zero-out bound, not an add/remove one
+    assert "(zero-out adjacency)" in card and "add/remove adjacency)" not in card
+    assert "not** hold for add/remove adjacency" in card and "2ε" in card
+
+
+def gaussian_composition_epsilon(sigma: float, count: int, delta: float = DELTA) -> float:
+    """Independent oracle: `count` Gaussian mechanisms of noise multiplier `sigma`, composed by dp_accounting."""
+    accountant = dp_accounting.pld.PLDAccountant()
+    accountant.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(sigma), count))
+    return accountant.get_epsilon(delta)
+
+
+class RecordingDataset(PackedDataset):
+    """Records every index fetched while `recording` is on (a superset of the sequences actually trained on)."""
+
+    recording = False
+
+    def __init__(self, packed: PackedDataset) -> None:
+        super().__init__(packed.input_ids, packed.lengths)
+        self.fetched: list[int] = []
+
+    def __getitem__(self, index: int):
+        if self.recording:
+            self.fetched.append(int(index))
+        return super().__getitem__(index)
+
+
+class RecordTraining(TrainerCallback):
+    """Turns recording on for the training loop only, and counts the epochs it starts."""
+
+    def __init__(self, dataset: RecordingDataset) -> None:
+        self.dataset = dataset
+        self.epochs_begun = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.dataset.recording = True
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epochs_begun += 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.dataset.recording = False
+
+
+def test_shuffle_participations_never_exceed_the_composed_gaussians(tmp_path, tiny_kwargs):
+    # N = 10, L = 9: every epoch is ONE batch of 9 (one sequence sits it out), so 10 steps start 10 epochs and
+    # some sequence is (almost surely) used 10 times. Counting ceil(10 * 9 / 10) = 9 epochs would under-report ε.
+    from vaultgemma_hf.dp.accounting import make_dp_event
+
+    dataset = RecordingDataset(
+        pack_documents([[5 + i] * 15 for i in range(10)], seq_len=16, eos_token_id=1, cross_document_boundaries=False)
+    )
+    assert len(dataset) == 10
+    recorder = RecordTraining(dataset)
+    args = args_for(
+        tmp_path,
+        noise_multiplier=2.0,
+        logical_batch_size=9,
+        per_device_train_batch_size=9,
+        sampling="shuffle",
+        allow_shuffled_batches_without_amplification=True,
+        max_steps=10,
+        logging_steps=10,
+        deterministic_noise_for_testing=True,
+        seed=0,
+    )
+    trainer = DPTrainer(
+        model=make_model("transformers", tiny_kwargs),
+        args=args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForPackedSequences(),
+        callbacks=[recorder],
+    )
+    trainer.train()
+    assert trainer.privacy_accountant.steps == 10 and len(dataset.fetched) >= 10 * 9
+    participations = max(dataset.fetched.count(i) for i in set(dataset.fetched))
+    composed = make_dp_event(2.0, 0.9, 10, sampling="shuffle", dataset_size=10, logical_batch_size=9).count
+    assert participations <= composed
+    assert recorder.epochs_begun == 10 == composed
+    assert trainer.get_epsilon() == pytest.approx(gaussian_composition_epsilon(2.0, composed), rel=1e-9)
+
+
+def test_shuffle_resume_only_at_an_epoch_boundary(tmp_path, tiny_kwargs):
+    # N = 12, L = 6: two steps per shuffled epoch. The permutation of an interrupted epoch is not saved, so a
+    # resumed run would reshuffle and could reuse that epoch's sequences within one accounted epoch: refused.
+    dataset = pack_documents(
+        [[5 + i] * 15 for i in range(12)], seq_len=16, eos_token_id=1, cross_document_boundaries=False
+    )
+    assert len(dataset) == 12
+    shuffle = dict(
+        noise_multiplier=2.0,
+        logical_batch_size=6,
+        per_device_train_batch_size=6,
+        sampling="shuffle",
+        allow_shuffled_batches_without_amplification=True,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+    )
+    args = args_for(tmp_path, max_steps=3, **shuffle)
+    collator = DataCollatorForPackedSequences()
+    trainer = DPTrainer(
+        model=make_model("transformers", tiny_kwargs), args=args, train_dataset=dataset, data_collator=collator
+    )
+    trainer.train()
+    assert trainer.privacy_accountant.steps == 3
+    with pytest.raises(ValueError, match=r"after 3 steps, in the middle of a shuffled epoch \(2 steps"):
+        trainer.train()  # a second train() reshuffles too
+    for step in (1, 3):
+        resumed = DPTrainer(
+            model=make_model("transformers", tiny_kwargs),
+            args=args_for(tmp_path / f"r{step}", max_steps=4, **shuffle),
+            train_dataset=dataset,
+            data_collator=collator,
+        )
+        checkpoint = os.path.join(args.output_dir, f"checkpoint-{step}")
+        with pytest.raises(ValueError, match=r"epoch boundary .*Poisson sampling \(sampling='poisson'\)"):
+            resumed.train(resume_from_checkpoint=checkpoint)
+        assert resumed.state.global_step == 0  # refused before training
+    resumed = DPTrainer(
+        model=make_model("transformers", tiny_kwargs),
+        args=args_for(tmp_path / "r2", max_steps=4, **shuffle),
+        train_dataset=dataset,
+        data_collator=collator,
+    )
+    resumed.train(resume_from_checkpoint=os.path.join(args.output_dir, "checkpoint-2"))
+    assert resumed.state.global_step == 4 == resumed.privacy_accountant.steps
+    assert resumed.get_epsilon() == pytest.approx(gaussian_composition_epsilon(2.0, 2), rel=1e-9)
 
 
 def test_evaluation_loss_is_mean_per_sequence_loss(tmp_path, tiny_kwargs):

@@ -2,15 +2,16 @@
 
 Every ε reported by this module comes from Google's `dp_accounting` library: PLD (privacy loss distributions,
 tight, default) or RDP (Rényi DP, faster, looser). The neighbouring relation is add/remove of one *privacy
-unit* (one training sequence, see the trainer docs). Three sampling schemes are supported:
+unit* (one training sequence, see the trainer docs) for the Poisson schemes, and zero-out of one unit for
+``"shuffle"`` (see :func:`make_dp_event`). Three sampling schemes are supported:
 
 - ``"poisson"``: every example joins each logical batch independently with probability ``q``. Accounted as
   ``PoissonSampledDpEvent(q, GaussianDpEvent(σ))`` composed ``T`` times (amplification by subsampling).
 - ``"truncated_poisson"``: Poisson sampling followed by a fixed physical cap ``max_batch_size`` (examples in
   excess are dropped). Accounted with ``TruncatedSubsampledGaussianDpEvent`` (PLD only; `dp_accounting`'s RDP
   accountant does not support it).
-- ``"shuffle"``: fixed-size shuffled batches, each example used once per epoch. No amplification is claimed:
-  see :func:`make_dp_event`.
+- ``"shuffle"``: fixed-size shuffled batches, each example used at most once per epoch. No amplification is
+  claimed: see :func:`make_dp_event`.
 
 Pure functions (:func:`make_dp_event`, :func:`compute_epsilon`, :func:`calibrate_noise`) are separated from the
 stateful per-run :class:`PrivacyAccountant`.
@@ -168,7 +169,35 @@ class _Sampling:
 
     def epochs(self, steps: int) -> int:
         """Number of passes over the data started within ``steps`` shuffled steps (shuffle only)."""
-        return -(-steps * self.logical_batch_size // self.dataset_size)
+        return shuffle_epochs(steps, self.dataset_size, self.logical_batch_size)
+
+
+def shuffle_epochs(steps: int, dataset_size: int, logical_batch_size: int) -> int:
+    """Shuffled epochs started within ``steps`` steps: ``ceil(steps / floor(N / L))``.
+
+    An epoch of the shuffle sampler is a fresh random permutation cut into ``floor(N / L)`` batches of exactly
+    ``L`` units (the remaining ``N mod L`` units sit that epoch out), so a run of ``steps`` steps starts
+    ``ceil(steps / floor(N / L))`` epochs, and a unit can be used once in each of them. This is the sampler's
+    :func:`vaultgemma_hf.dp.sampling.steps_per_epoch` (kept here as pure math; a test runs the real sampler against
+    it).
+
+    Args:
+        steps: Number of logical steps T (>= 0).
+        dataset_size: N, the number of privacy units.
+        logical_batch_size: L, the fixed batch size (<= N).
+
+    Returns:
+        The number of epochs started (0 for 0 steps).
+
+    Raises:
+        ValueError: If an argument is out of range.
+    """
+    steps = _as_int(steps, "steps", minimum=0)
+    dataset_size = _as_int(dataset_size, "dataset_size", minimum=1)
+    logical_batch_size = _as_int(logical_batch_size, "logical_batch_size", minimum=1)
+    if logical_batch_size > dataset_size:
+        raise ValueError(f"logical_batch_size ({logical_batch_size}) exceeds dataset_size ({dataset_size}).")
+    return -(-steps // (dataset_size // logical_batch_size))
 
 
 def _check_sampling(
@@ -241,13 +270,17 @@ def make_dp_event(
     - ``"poisson"``: ``SelfComposedDpEvent(PoissonSampledDpEvent(q, GaussianDpEvent(σ)), steps)``.
     - ``"truncated_poisson"``: ``SelfComposedDpEvent(TruncatedSubsampledGaussianDpEvent(N, q, max_batch_size, σ),
       steps)``: Poisson sampling whose batches are cut to ``max_batch_size`` (a random subset is kept).
-    - ``"shuffle"``: fixed-size shuffled batches where every example is used exactly once per epoch. This is the
-      honest, amplification-free bound: the data is a sequence of ``epochs = ceil(steps * B / N)`` passes; in
-      each pass an example contributes to exactly one noisy sum (sensitivity C, noise σC), so the run is the
-      composition of ``epochs`` Gaussian mechanisms, ``SelfComposedDpEvent(GaussianDpEvent(σ), epochs)``. A
-      partly run epoch counts as a whole one. No privacy amplification by shuffling or by batching is claimed.
-      (The sensitivity C is for the add/remove or zero-out relation where the other examples keep their
-      batches; it is not amplification.)
+    - ``"shuffle"``: fixed-size shuffled batches where every example is used at most once per epoch. This is the
+      honest, amplification-free bound: an epoch is a random permutation cut into ``floor(N / B)`` batches of
+      ``B`` (the rest sits the epoch out), so ``steps`` steps start ``epochs = ceil(steps / floor(N / B))``
+      passes (:func:`shuffle_epochs`); in each pass an example contributes to at most one noisy sum
+      (sensitivity C, noise σC), so the run is the composition of ``epochs`` Gaussian mechanisms,
+      ``SelfComposedDpEvent(GaussianDpEvent(σ), epochs)``. A partly run epoch counts as a whole one. No privacy
+      amplification by shuffling or by batching is claimed. The sensitivity C holds for the *zero-out*
+      relation (one example replaced by a null example with zero gradient: N and everyone else's batches are
+      unchanged). It does not give add/remove DP (removing an example shifts the other examples between
+      batches), and replacing one example by another has sensitivity 2C (zero-out (ε, δ) implies only
+      (2ε, (1 + e^ε)δ) for replace-one).
 
     Args:
         noise_multiplier: σ, the noise standard deviation in units of the clipping norm C.

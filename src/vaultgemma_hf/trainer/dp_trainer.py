@@ -14,7 +14,8 @@ The HF loop is kept as it is; a few hooks are overridden:
 * The forward runs on the unwrapped module, so DDP never all-reduces the (unclipped) gradients itself.
 * `log` adds ``epsilon`` (and clipping statistics) to the training logs; `save_model` writes the accountant state
   (``dp_state.json``, atomic) and the model card (``README.md``) next to the weights; `train` restores the
-  accountant from a checkpoint on resume, calibrates σ, and refuses to start when the plan exceeds the budget.
+  accountant from a checkpoint on resume, calibrates σ, and refuses to start when the plan exceeds the budget
+  (or, with shuffled batches, when it would continue from the middle of an epoch).
 
 Sampling and noise use fresh OS entropy for every run (reproducible only with the explicit testing flag); their
 generator states are never written to or read from checkpoints.
@@ -39,7 +40,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from vaultgemma_hf.data.packing import check_sequence_length, group_indices_by_user, token_ids_sha256
-from vaultgemma_hf.dp.sampling import DPBatchSampler, fresh_generator, sampling_rate
+from vaultgemma_hf.dp.sampling import DPBatchSampler, fresh_generator, sampling_rate, steps_per_epoch
 from vaultgemma_hf.trainer.batching import EXAMPLE_MASK_KEY, MaskedCollator, MaskedDataset, slice_batch
 from vaultgemma_hf.trainer.losses import IGNORE_INDEX, per_example_causal_lm_loss
 from vaultgemma_hf.trainer.model_card import DPTrainingSummary, atomic_write_text, write_model_card
@@ -291,6 +292,8 @@ class DPTrainer(Trainer):
             total = max(planned, done)
         elif self.privacy_accountant is not None:
             done = self.privacy_accountant.steps
+            # the HF loop starts a fresh epoch (a fresh permutation) on every train() call
+            self._check_shuffle_epoch_boundary(num_units, done, "this trainer's previous train() call")
             total = done + planned
         else:
             done, total = 0, planned
@@ -463,6 +466,47 @@ class DPTrainer(Trainer):
             raise ValueError(
                 "Cannot resume: the training data differ from the checkpoint's (SHA-256 of the token ids changed)."
             )
+        self._check_shuffle_epoch_boundary(
+            num_units, int(state["accountant_steps"]), "the checkpoint", global_step=state.get("global_step")
+        )
+
+    def _check_shuffle_epoch_boundary(
+        self, num_units: int, steps_done: int, source: str, global_step: int | None = None
+    ) -> None:
+        """Refuses to continue a ``sampling="shuffle"`` run from the middle of a shuffled epoch.
+
+        The accountant composes one Gaussian per started epoch of ``floor(N / L)`` steps, which holds because each
+        sequence is used at most once per epoch. The permutation of an epoch is never saved, so a run continued
+        mid-epoch (a resume, where HF skips the batches already done of a *fresh* permutation, or a second
+        `train()`) could use a sequence of the interrupted epoch again within what the accountant counts as one
+        epoch. Continuing exactly at an epoch boundary (``steps_done`` and the HF ``global_step`` multiples of
+        the epoch length) starts a fresh, separately accounted epoch and is allowed.
+
+        Args:
+            num_units: N, the number of privacy units.
+            steps_done: Logical steps the accountant has already composed.
+            source: What the run continues from (for the error message).
+            global_step: The HF global step the loop resumes from (it decides which batches HF skips).
+
+        Raises:
+            ValueError: If a shuffle run would continue from the middle of an epoch.
+        """
+        args = self.args
+        if args.sampling != "shuffle":
+            return
+        per_epoch = steps_per_epoch(num_units, args.logical_batch_size, "shuffle")
+        for steps in (steps_done, global_step):
+            if steps is not None and int(steps) % per_epoch:
+                raise ValueError(
+                    f"Cannot continue a sampling='shuffle' run from {source}: it stopped after {int(steps)} steps, "
+                    f"in the middle of a shuffled epoch ({per_epoch} steps of {args.logical_batch_size} sequences "
+                    f"per epoch: floor(N / logical_batch_size) with N={num_units}). The order of that epoch is not "
+                    "saved (sampling randomness is never restored), so the continued run would reshuffle and could "
+                    "use sequences of the interrupted epoch a second time within what the accountant counts as one "
+                    "epoch, and the reported epsilon would be too small. Resume from a checkpoint saved at an epoch "
+                    f"boundary (a global step that is a multiple of {per_epoch}, e.g. with save_steps={per_epoch}), "
+                    "or train with Poisson sampling (sampling='poisson'), which can be resumed after any step."
+                )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Saves the model like `Trainer.save_model`, plus ``dp_state.json`` and the DP model card (README.md)."""

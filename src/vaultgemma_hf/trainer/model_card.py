@@ -28,7 +28,8 @@ _ACCOUNTING_TEXT = {
     "truncated_poisson": "The accountant composes one truncated-Poisson subsampled Gaussian mechanism "
     "(`TruncatedSubsampledGaussianDpEvent`) per step, including steps whose sampled batch was empty.",
     "shuffle": "Shuffled batches get no amplification: the accountant composes one Gaussian mechanism of sensitivity C "
-    "per started epoch.",
+    "per started epoch (an epoch is floor(N / L) = {per_epoch} steps, the other N mod L units sit it out; {epochs} "
+    "epochs here).",
 }
 
 _SAMPLING_TEXT = {
@@ -134,10 +135,19 @@ def render_model_card(summary: DPTrainingSummary) -> str:
     if summary.non_private:
         guarantee = "This run is **not** differentially private (noise_multiplier = 0, ε = ∞)."
     else:
+        relation, caveat = _adjacency_text(summary.sampling, unit)
         guarantee = (
             f"The released weights satisfy **(ε = {_fmt(summary.epsilon)}, δ = {_fmt(summary.delta, 3)})-differential "
-            f"privacy** with respect to adding or removing {unit} of the training set described below "
-            f"(add/remove adjacency), after {summary.steps} steps."
+            f"privacy** with respect to {relation}, after {summary.steps} steps.{caveat}"
+        )
+    accounting = _ACCOUNTING_TEXT[summary.sampling]
+    if summary.sampling == "shuffle":
+        from vaultgemma_hf.dp.accounting import shuffle_epochs
+        from vaultgemma_hf.dp.sampling import steps_per_epoch
+
+        accounting = accounting.format(
+            per_epoch=steps_per_epoch(summary.dataset_size, summary.logical_batch_size, "shuffle"),
+            epochs=shuffle_epochs(summary.steps, summary.dataset_size, summary.logical_batch_size),
         )
     frozen_list = ""
     if summary.frozen_parameter_names:
@@ -168,7 +178,7 @@ def render_model_card(summary: DPTrainingSummary) -> str:
         "dp_accounting_version": summary.dp_accounting_version,
         "sampling": long_text,
         "sampling_short": short_text,
-        "accounting_sentence": _ACCOUNTING_TEXT[summary.sampling],
+        "accounting_sentence": accounting,
         "sampling_rate": _fmt(summary.sampling_rate, 6),
         "noise_multiplier": _fmt(summary.noise_multiplier, 6),
         "clip_norm": _fmt(summary.clip_norm, 6),
@@ -189,6 +199,27 @@ def render_model_card(summary: DPTrainingSummary) -> str:
         "base_guarantee": base_guarantee,
     }
     return template.substitute(values)
+
+
+def _adjacency_text(sampling: str, unit: str) -> tuple[str, str]:
+    """The neighbouring relation under which the accounted (ε, δ) holds for `sampling`, and a caveat (or "").
+
+    Poisson schemes are accounted for add/remove adjacency. The shuffle bound (one Gaussian of sensitivity C per
+    epoch) needs N and everyone else's batches to stay the same, i.e. zero-out adjacency; it is no add/remove bound,
+    and replacing a unit by another has sensitivity 2C (zero-out (ε, δ) only gives (2ε, (1 + e^ε)δ) for that).
+
+    Returns:
+        ``(relation, caveat)``: the relation completes "with respect to ..."; the caveat starts with a space.
+    """
+    if sampling != "shuffle":
+        return f"adding or removing {unit} of the training set described below (add/remove adjacency)", ""
+    return (
+        f"replacing {unit} of the training set described below by a null unit that contributes a zero gradient "
+        "(zero-out adjacency)",
+        " With shuffled fixed-size batches this bound does **not** hold for add/remove adjacency (adding or removing "
+        "a unit moves other units between batches), and replacing a unit by another one has gradient sensitivity 2C: "
+        "for that relation the run is only (2ε, (1 + e^ε)δ)-differentially private.",
+    )
 
 
 def _seq_len_text(seq_len: int | None) -> str:
