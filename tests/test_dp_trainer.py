@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from importlib.metadata import version
 
 import dp_accounting
@@ -275,6 +276,107 @@ def test_resume_restores_accountant_exactly_and_continues(pld_run, tiny_kwargs):
     assert resumed.get_epsilon() == pytest.approx(trainer.get_epsilon(), rel=1e-12)
     # noise and sampling are fresh after resume, so the weights differ from the original run's
     assert not torch.equal(resumed.model.lm_head.weight, trainer.model.lm_head.weight)
+
+
+def test_resume_true_restores_the_last_checkpoint_exactly(pld_run, tiny_kwargs, tmp_path, caplog):
+    # train(resume_from_checkpoint=True) resumes from the last checkpoint in output_dir (here the only one)
+    trainer, dataset, args = pld_run
+    resume_args = copy.deepcopy(args)
+    resume_args.output_dir = str(tmp_path / "auto")
+    shutil.copytree(
+        os.path.join(args.output_dir, "checkpoint-2"), os.path.join(resume_args.output_dir, "checkpoint-2")
+    )
+    saved = json.load(open(os.path.join(resume_args.output_dir, "checkpoint-2", DP_STATE_NAME)))
+    assert saved["accountant_steps"] == 2
+    model = make_model("transformers", tiny_kwargs)
+    model.model.norm.weight.requires_grad_(False)
+    resumed = DPTrainer(
+        model=model, args=resume_args, train_dataset=dataset, data_collator=DataCollatorForPackedSequences()
+    )
+    restored = []
+    resumed.add_callback(RecordAccountantAtTrainBegin(resumed, restored))
+    with caplog.at_level("INFO", logger="vaultgemma_hf.trainer.dp_trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert restored == [(saved["accountant"], 2)]  # restored before the first resumed step
+    assert "Restored the privacy accountant from" in caplog.text and "checkpoint-2: 2 steps done" in caplog.text
+    assert "later checkpoint" not in caplog.text  # the last checkpoint is not a branch
+    assert resumed.state.global_step == 4 == resumed.privacy_accountant.steps
+    assert resumed.privacy_accountant.state_dict() == trainer.privacy_accountant.state_dict()
+    assert resumed.get_epsilon() == pytest.approx(trainer.get_epsilon(), rel=1e-12)
+    assert resumed.get_epsilon() == pytest.approx(
+        poisson_pld_epsilon(trainer.noise_multiplier, trainer.sampling_rate, 4), rel=1e-9
+    )
+
+
+class RecordAccountantAtTrainBegin(TrainerCallback):
+    """Records (accountant state, steps) when the HF loop begins, i.e. what the resumed run starts from."""
+
+    def __init__(self, trainer: DPTrainer, out: list) -> None:
+        self.trainer, self.out = trainer, out
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        accountant = self.trainer.privacy_accountant
+        self.out.append((accountant.state_dict(), accountant.steps))
+
+
+def test_resuming_an_older_checkpoint_warns_about_the_later_ones(pld_run, tiny_kwargs, caplog):
+    # out/ holds checkpoint-2, checkpoint-4 and the final model (4 steps): continuing from checkpoint-2 starts a
+    # second branch of training on the same data; each branch's accountant covers only that branch.
+    trainer, dataset, args = pld_run
+    resumed = DPTrainer(
+        model=make_model("transformers", tiny_kwargs),
+        args=copy.deepcopy(args),
+        train_dataset=dataset,
+        data_collator=DataCollatorForPackedSequences(),
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaultgemma_hf.trainer.dp_trainer"):
+        resumed.setup_privacy(os.path.join(args.output_dir, "checkpoint-2"))
+    warnings = [r.getMessage() for r in caplog.records if "later checkpoint" in r.getMessage()]
+    assert len(warnings) == 1, caplog.text
+    flat = " ".join(warnings[0].split())
+    assert "checkpoint-4" in flat and "checkpoint-2" in flat.split("later")[0]
+    assert "the model saved in" in flat and "(step 4)" in flat
+    assert "each released branch is accounted separately" in flat.lower()
+    assert "does not cover releasing both" in flat
+    assert resumed.privacy_accountant.steps == 2  # a warning only: the resume itself is unchanged
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vaultgemma_hf.trainer.dp_trainer"):
+        resumed.setup_privacy(os.path.join(args.output_dir, "checkpoint-4"))  # the latest: no second branch
+    assert "later checkpoint" not in caplog.text
+
+
+def test_progress_bar_shows_the_current_epsilon(tmp_path, tiny_kwargs, capsys):
+    from transformers.trainer_callback import ProgressCallback
+
+    class RecordPostfix(TrainerCallback):  # added after DPCallback, so it sees the bar as DPCallback left it
+        def __init__(self, trainer: DPTrainer) -> None:
+            self.trainer, self.seen = trainer, []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bars = [c.training_bar for c in self.trainer.callback_handler.callbacks if isinstance(c, ProgressCallback)]
+            assert len(bars) == 1 and bars[0] is not None
+            self.seen.append((state.global_step, bars[0].postfix, self.trainer.get_epsilon()))
+
+    args = args_for(
+        tmp_path, noise_multiplier=2.0, logical_batch_size=2, max_steps=3, logging_steps=1, disable_tqdm=False
+    )
+    dataset = make_dataset()
+    trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=dataset)
+    recorder = RecordPostfix(trainer)
+    trainer.add_callback(recorder)
+    trainer.train()
+    q = 2 / len(dataset)
+    steps = [step for step, _, _ in recorder.seen]
+    assert steps[:3] == [1, 2, 3] and set(steps) == {1, 2, 3}  # each step's log (+ the final train_loss one)
+    for step, postfix, epsilon in recorder.seen:
+        assert epsilon == pytest.approx(poisson_pld_epsilon(2.0, q, step), rel=1e-9)
+        assert postfix == f"epsilon={epsilon:.4g}", (step, postfix)
+    # and what was written to the terminal: the bar's last frame carries the final epsilon as its postfix
+    final = f"epsilon={trainer.get_epsilon():.4g}"
+    frames = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    bar_frames = [f for f in frames if "3/3" in f]
+    assert bar_frames and final in bar_frames[-1], frames[-5:]
 
 
 def test_refuses_to_start_beyond_the_budget(pld_run):

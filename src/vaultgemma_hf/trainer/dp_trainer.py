@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from vaultgemma_hf.data.packing import check_sequence_length, group_indices_by_user, token_ids_sha256
@@ -53,6 +54,7 @@ DP_STATE_NAME = "dp_state.json"
 DP_STATE_VERSION = 1
 # relative slack when comparing an ε recomputed from the same inputs with a target
 _EPS_RTOL = 1e-9
+_CHECKPOINT_RE = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
 
 
 def deterministic_seeds(seed: int, rank: int) -> tuple[int, int]:
@@ -287,6 +289,7 @@ class DPTrainer(Trainer):
         state = self._read_dp_state(resume_from_checkpoint) if resume_from_checkpoint else None
         if state is not None:
             self._check_resume_state(state, num_units, q)
+            self._warn_if_later_checkpoints(resume_from_checkpoint, state)
             self.noise_multiplier = float(state["noise_multiplier"])
             done = int(state["accountant_steps"])
             total = max(planned, done)
@@ -468,6 +471,56 @@ class DPTrainer(Trainer):
             )
         self._check_shuffle_epoch_boundary(
             num_units, int(state["accountant_steps"]), "the checkpoint", global_step=state.get("global_step")
+        )
+
+    def _warn_if_later_checkpoints(self, checkpoint: str, state: Mapping[str, Any]) -> None:
+        """Warns when `checkpoint` is not the latest save of its run: resuming it starts a second training branch.
+
+        Later saves of the same run (``checkpoint-N`` folders with a larger N next to `checkpoint`, or a model saved
+        with its ``dp_state.json`` in the parent folder after more steps) were trained on the same data from the same
+        start. Each branch's accountant composes only that branch's steps, so the ε reported for either one does not
+        cover releasing both. Training is not refused: discarding the later saves is a legitimate reason to resume.
+
+        Args:
+            checkpoint: The checkpoint folder the run resumes from.
+            state: Its ``dp_state.json`` (gives the step it was saved at).
+        """
+        if not self.is_world_process_zero():
+            return
+        checkpoint = os.path.abspath(checkpoint)
+        parent = os.path.dirname(checkpoint)
+        match = _CHECKPOINT_RE.match(os.path.basename(checkpoint))
+        step = int(match.group(1)) if match else int(state.get("global_step") or 0)
+        later: list[tuple[int, str]] = []
+        try:
+            entries = os.listdir(parent)
+        except OSError:
+            entries = []
+        for name in entries:
+            found = _CHECKPOINT_RE.match(name)
+            if found and int(found.group(1)) > step and os.path.isdir(os.path.join(parent, name)):
+                later.append((int(found.group(1)), os.path.join(parent, name)))
+        later.sort()
+        saved = os.path.join(parent, DP_STATE_NAME)
+        if os.path.isfile(saved):
+            try:
+                with open(saved, encoding="utf-8") as handle:
+                    saved_step = int(json.load(handle).get("global_step") or 0)
+            except (OSError, ValueError, TypeError, AttributeError):
+                saved_step = 0
+            if saved_step > step:
+                later.append((saved_step, f"the model saved in {parent} (step {saved_step})"))
+        if not later:
+            return
+        logger.warning(
+            "Resuming from %s (step %d), but later checkpoints of the same run exist: %s. Training from here starts a "
+            "second branch on the same data. Each released branch is accounted separately (its accountant composes "
+            "only its own steps), so the epsilon reported for one branch does not cover releasing both: releasing "
+            "models of both branches would need the steps of both composed together (the shared ones once). Release "
+            "models of only one branch, or delete the later checkpoints.",
+            checkpoint,
+            step,
+            ", ".join(path for _, path in later),
         )
 
     def _check_shuffle_epoch_boundary(
