@@ -1,4 +1,4 @@
-"""Small I/O helpers shared by the sub-commands: atomic text output."""
+"""Small helpers shared by the sub-commands: the usage error and atomic text output."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+
+
+class UsageError(ValueError):
+    """A user mistake: printed without a traceback, exit code 2."""
 
 
 @contextlib.contextmanager

@@ -4,6 +4,11 @@ Mirrors transformers 4's `transformers run` (removed in transformers 5) for deco
 
     echo "Patient Alex reported" | vaultgemma-hf run --max-new-tokens 20
     vaultgemma-hf run --model ./my-vaultgemma --input prompts.jsonl --output out.jsonl --format json --device 0
+    vaultgemma-hf run --model google/vaultgemma-1b --input long-prompts.txt --truncate left
+
+Model: `--model` (and `--tokenizer`) is a local directory, or the id of a Hub repo already in the local Hugging Face
+cache (`owner/name`, optionally `owner/name@revision`; the cache is $HF_HUB_CACHE, by default
+~/.cache/huggingface/hub). Nothing is ever downloaded: fetch a repo first with `hf download owner/name`.
 
 Input (stdin, or `--input FILE`; `--input -` is stdin): one prompt per line, or JSON Lines with a "text" (or
 "prompt") field. `--input-format auto` picks JSON Lines when the first non-blank line starts with "{".
@@ -16,6 +21,12 @@ as each batch finishes, or written atomically to `--output FILE` at the end.
 Input is streamed: a batch is generated as soon as it holds `--batch-size` prompts or the input ends, so with the
 default batch size of 1 each line typed or piped in is answered at once; with a larger batch size a slow stdin
 waits for a full batch (or end of input).
+
+Long prompts: a prompt's tokens plus `--max-new-tokens` must fit in the model's max_position_embeddings. With
+`--truncate none` (the default) a longer prompt stops the run with an error naming its input line (exit code 2;
+nothing is written to `--output`); with `--truncate left` it keeps only its last max_position_embeddings -
+max_new_tokens tokens (after the <bos> token), with a warning on stderr naming the line. The output keeps the
+whole prompt text followed by the generated continuation.
 """
 
 from __future__ import annotations
@@ -24,14 +35,20 @@ import argparse
 import contextlib
 import itertools
 import json
-import math
 import os
 import sys
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..fixtures import TINY_MODEL_DIR
-from ._io import atomic_output
+from ._io import UsageError, atomic_output
+from ._prompts import _batches, _count_prompts, read_numbered_prompts
+from ._resolve import (
+    DEVICE_CHOICES,
+    _check_output_path,
+    _resolve_device,
+    _resolve_pretrained,
+    _validate_generation_flags,
+)
 
 SUPPORTED_TASKS = ("text-generation",)
 WRONG_TASKS = {
@@ -40,11 +57,6 @@ WRONG_TASKS = {
     "translation": "VaultGemma is a pretrained causal LM: use --task text-generation with a prompt.",
 }
 PROGRESS_THRESHOLD = 8  # with --progress auto, show a progress bar from this many prompts on
-DEVICE_CHOICES = "cpu, cuda, cuda:N, N (GPU index), -1 (cpu), mps, xpu, xpu:N or auto"
-
-
-class UsageError(ValueError):
-    """A user mistake: printed without a traceback, exit code 2."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -64,9 +76,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--task", default="text-generation", help="Pipeline task (only text-generation).")
     parser.add_argument(
-        "--model", default=str(TINY_MODEL_DIR), help="Local model directory (default: the embedded tiny model)."
+        "--model",
+        default=str(TINY_MODEL_DIR),
+        help="Local model directory, or a Hub repo id (owner/name[@revision]) already in the local Hugging Face "
+        "cache; never downloaded (default: the embedded tiny model).",
     )
-    parser.add_argument("--tokenizer", default=None, help="Tokenizer directory (default: the model directory).")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Tokenizer directory or cached Hub repo id, like --model (default: the model's).",
+    )
     parser.add_argument("--input", default=None, help="Prompt file; - or none: stdin (read as lines arrive).")
     parser.add_argument(
         "--input-format",
@@ -86,6 +105,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="Prompts per generate() call; a batch runs once full or at end of input (so stdin waits for a full one).",
     )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Tokens to generate per prompt (>= 1).")
+    parser.add_argument(
+        "--truncate",
+        choices=("none", "left"),
+        default="none",
+        help="A prompt too long for max_position_embeddings minus --max-new-tokens: none: stop with an error; "
+        "left: keep its last tokens, with a warning on stderr.",
+    )
     parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
     parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature (> 0).")
     parser.add_argument("--top-k", type=int, default=None, help="Top-k filtering (>= 0; 0 disables it).")
@@ -106,150 +132,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-def read_prompts(stream: Iterable[str], input_format: str = "auto") -> Iterator[str | None]:
-    """Yields the prompts of `stream` lazily, each as soon as its line has been read.
+def _prompt_token_limit(config, max_new_tokens: int) -> int | None:
+    """The most prompt tokens that leave room for `max_new_tokens` within the model's positions (None: unknown)."""
+    max_positions = getattr(config, "max_position_embeddings", None)
+    return None if max_positions is None else max_positions - max_new_tokens
+
+
+def _check_prompt_lengths(
+    numbered: list[tuple[int, str]], tokenizer, limit: int | None, args: argparse.Namespace, warn
+) -> None:
+    """Checks that each prompt fits in `limit` tokens; with `--truncate left`, warns about those that will be cut.
 
     Args:
-        stream: Lines of text (a file or stdin).
-        input_format: "lines" (one prompt per line), "jsonl" (the "text" or "prompt" field of each JSON line) or
-            "auto" (jsonl when the first non-blank line starts with "{", else lines).
-
-    Yields:
-        One prompt per line. In line mode a blank (whitespace-only) line yields None, so that results stay aligned
-        with input lines; in jsonl mode blank lines are skipped.
-
-    Raises:
-        UsageError: A JSON line is invalid or has no string "text"/"prompt" field (raised when that line is reached).
-    """
-    mode = input_format
-    hint = " (the first line looked like JSON; give --input-format lines for plain text)" if mode == "auto" else ""
-    leading_blanks = 0  # blank lines seen while the format is still undecided
-    for number, raw in enumerate(stream, start=1):
-        line = raw.rstrip("\r\n")
-        if not line.strip():
-            if mode == "lines":
-                yield None
-            elif mode == "auto":
-                leading_blanks += 1
-            continue
-        if mode == "auto":
-            mode = "jsonl" if line.lstrip().startswith("{") else "lines"
-            if mode == "lines":
-                yield from itertools.repeat(None, leading_blanks)
-        if mode == "lines":
-            yield line
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UsageError(f"input line {number} is not valid JSON: {err}{hint}") from None
-        text = record.get("text", record.get("prompt")) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            raise UsageError(f'input line {number} has no string "text" or "prompt" field{hint}')
-        yield text
-
-
-def _batches(items: Iterable[str | None], batch_size: int) -> Iterator[list[str | None]]:
-    """Groups prompts into batches of `batch_size` prompts, each yielded as soon as it is full or the input ends.
-
-    Blank items (None) ride along in order; a blank with no prompt pending is yielded at once.
-    """
-    pending: list[str | None] = []
-    prompts = 0
-    for item in items:
-        pending.append(item)
-        prompts += item is not None
-        if prompts == batch_size or prompts == 0:
-            yield pending
-            pending, prompts = [], 0
-    if pending:
-        yield pending
-
-
-def _count_prompts(path: Path) -> int:
-    """Counts the non-blank lines of a file (the prompts it holds), for the progress bar's total."""
-    with open(path, encoding="utf-8", errors="replace") as stream:
-        return sum(1 for line in stream if line.strip())
-
-
-def _check_number(flag: str, value: float | None, valid: bool, requirement: str) -> None:
-    if value is not None and not valid:
-        raise UsageError(f"{flag} {value}: {requirement}")
-
-
-def _validate_generation_flags(args: argparse.Namespace) -> None:
-    """Checks the numeric flags up front, so that a typo fails before the model is loaded."""
-    positive_int = "must be a positive integer."
-    _check_number("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, positive_int)
-    _check_number("--batch-size", args.batch_size, args.batch_size >= 1, positive_int)
-    if args.num_beams is not None:
-        _check_number("--num-beams", args.num_beams, args.num_beams >= 1, positive_int)
-    if args.top_k is not None:
-        _check_number("--top-k", args.top_k, args.top_k >= 0, "must be 0 (no top-k filtering) or a positive integer.")
-    if args.top_p is not None:
-        _check_number("--top-p", args.top_p, 0 < args.top_p <= 1, "must be in (0, 1].")
-    if args.temperature is not None:
-        valid = math.isfinite(args.temperature) and args.temperature > 0
-        _check_number("--temperature", args.temperature, valid, "must be a positive number (greedy: no --do-sample).")
-    if args.repetition_penalty is not None:
-        valid = math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0
-        _check_number("--repetition-penalty", args.repetition_penalty, valid, "must be a positive number (1.0: none).")
-
-
-def _resolve_device(spec: str) -> str | None:
-    """Parses `--device` and checks that the device exists here.
-
-    Args:
-        spec: The `--device` value.
-
-    Returns:
-        A torch device string, or None for "auto" (placement left to `device_map="auto"`).
+        numbered: (input line number, prompt) pairs.
+        tokenizer: The pipeline's tokenizer (prompts are counted as the pipeline encodes them, special tokens
+            included).
+        limit: The most prompt tokens (`_prompt_token_limit`), or None when the model does not say.
+        args: The parsed arguments (`truncate`, `max_new_tokens`).
+        warn: Called with each warning line.
 
     Raises:
-        UsageError: The device is malformed, unsupported or not available on this machine.
+        UsageError: With `--truncate none`, a prompt is longer than `limit`.
     """
-    if spec == "auto":
-        return None
-    import torch
-
-    text = "cpu" if spec == "-1" else f"cuda:{spec}" if spec.isdigit() else spec
-    try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {spec}: not a device; use {DEVICE_CHOICES}.") from None
-    if device.type == "cpu":
-        return str(device)
-    if device.type == "cuda":
-        name, available, count = "CUDA", torch.cuda.is_available(), torch.cuda.device_count
-    elif device.type == "xpu":
-        xpu = getattr(torch, "xpu", None)
-        name, available = "XPU", xpu is not None and xpu.is_available()
-        count = xpu.device_count if xpu is not None else (lambda: 0)
-    elif device.type == "mps":
-        name, available, count = "MPS", torch.backends.mps.is_available(), lambda: 1
-    else:
-        raise UsageError(f"--device {spec}: unsupported device type {device.type!r}; use {DEVICE_CHOICES}.")
-    if not available:
-        raise UsageError(f"--device {spec}: {name} is not available on this machine.")
-    if device.index is not None and device.index >= count():
-        raise UsageError(f"--device {spec}: no such device; this machine has {count()} {name} device(s).")
-    return str(device)
-
-
-def _check_output_path(output: str | None) -> None:
-    """Checks up front that `--output` can be created: not a directory, under a writable directory."""
-    if output is None or output == "-":
+    if limit is None or not numbered:
         return
-    target = Path(output)
-    if target.is_dir():
-        raise UsageError(f"--output {output}: is a directory; give a file path.")
-    ancestor = target.parent  # atomic_output creates missing parent directories
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UsageError(f"--output {output}: {ancestor} is not a directory.")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UsageError(f"--output {output}: cannot write in {ancestor}.")
+    max_positions = limit + args.max_new_tokens
+    encoded = tokenizer([prompt for _, prompt in numbered], verbose=False)["input_ids"]  # verbose: no length warning
+    for (number, _), ids in zip(numbered, encoded, strict=True):
+        if len(ids) <= limit:
+            continue
+        budget = f"max_position_embeddings={max_positions} minus --max-new-tokens {args.max_new_tokens}"
+        if args.truncate == "none":
+            raise UsageError(
+                f"input line {number}: the prompt is {len(ids)} tokens, more than the {limit} that fit ({budget}); "
+                "give --truncate left to keep its last tokens, or shorten it."
+            )
+        warn(
+            f"vaultgemma-hf run: warning: input line {number}: prompt truncated from {len(ids)} to its last "
+            f"{limit} tokens ({budget})."
+        )
 
 
 class _Progress:
@@ -274,28 +195,40 @@ class _Progress:
         elif self.bar is not None:
             self.bar.update(count)
 
+    def write(self, message: str) -> None:
+        """Prints a line on stderr without breaking the bar."""
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
     def close(self) -> None:
         """Closes the bar, if one was opened."""
         if self.bar is not None:
             self.bar.close()
 
 
-def _load_pipeline(args: argparse.Namespace, device: str | None):
+def _load_pipeline(args: argparse.Namespace, device: str | None, model_dir: str, tokenizer_dir: str):
     """Loads the model and tokenizer into a text-generation pipeline.
 
     Args:
-        args: The parsed arguments (`model`, `tokenizer`, `dtype`, `task`, `device`).
+        args: The parsed arguments (`dtype`, `task`, `device`, `max_new_tokens`, `truncate`).
         device: The device resolved by `_resolve_device`; None means `device_map="auto"`.
+        model_dir: The local model directory (`_resolve_pretrained`).
+        tokenizer_dir: The local tokenizer directory.
 
     Returns:
         The transformers pipeline.
+
+    Raises:
+        UsageError: `--max-new-tokens` leaves no room for a prompt, or `--truncate left` on a model that does not
+            give its max_position_embeddings (both checked before the weights are loaded).
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, pipeline
 
     from .. import VaultGemmaForCausalLM
 
-    model_dir = Path(args.model)
     dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
         args.dtype
     ]
@@ -303,6 +236,15 @@ def _load_pipeline(args: argparse.Namespace, device: str | None):
     if device is None:
         load_kwargs["device_map"] = "auto"
     config = AutoConfig.from_pretrained(model_dir)
+    limit = _prompt_token_limit(config, args.max_new_tokens)
+    if limit is not None and limit < 1:
+        max_positions = config.max_position_embeddings
+        raise UsageError(
+            f"--max-new-tokens {args.max_new_tokens}: leaves no room for a prompt within the model's "
+            f"max_position_embeddings={max_positions}; give at most {max_positions - 1}."
+        )
+    if limit is None and args.truncate == "left":
+        raise UsageError("--truncate left: the model's config gives no max_position_embeddings to truncate to.")
     model_class = VaultGemmaForCausalLM if config.model_type == "vaultgemma" else AutoModelForCausalLM
     model = model_class.from_pretrained(model_dir, **load_kwargs)
     if device is not None:
@@ -310,15 +252,20 @@ def _load_pipeline(args: argparse.Namespace, device: str | None):
             model.to(device)
         except RuntimeError as err:  # e.g. out of device memory
             raise UsageError(f"--device {args.device}: cannot move the model there: {err}") from None
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"  # decoder-only batched generation pads on the left
+    tokenizer.truncation_side = "left"  # --truncate left keeps a prompt's end (special tokens such as <bos> stay)
     return pipeline(args.task, model=model, tokenizer=tokenizer)
 
 
-def _generation_kwargs(args: argparse.Namespace) -> dict:
+def _generation_kwargs(args: argparse.Namespace, limit: int | None) -> dict:
+    """The pipeline call's keyword arguments; `limit` is the most prompt tokens (`_prompt_token_limit`)."""
     kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.truncate == "left" and limit is not None:
+        # tokenizer_encode_kwargs, not max_length=, which the pipeline would also pass to generate()
+        kwargs.update(truncation=True, tokenizer_encode_kwargs={"max_length": limit})
     for name in ("temperature", "top_k", "top_p", "num_beams", "repetition_penalty"):
         value = getattr(args, name)
         if value is not None:
@@ -365,22 +312,20 @@ def run_command(args: argparse.Namespace) -> int:
             if args.task not in SUPPORTED_TASKS:
                 raise UsageError(f"--task {args.task}: unsupported; choose one of {', '.join(SUPPORTED_TASKS)}.")
             _validate_generation_flags(args)
-            if not (Path(args.model) / "config.json").is_file():
-                raise UsageError(
-                    f"--model {args.model}: no config.json there. Give a local model directory (nothing is downloaded)."
-                )
+            model_dir = _resolve_pretrained("--model", args.model, need_config=True)
+            tokenizer_dir = _resolve_pretrained("--tokenizer", args.tokenizer, False) if args.tokenizer else model_dir
             _check_output_path(args.output)
             device = _resolve_device(args.device)
             stream, path = _open_input(args, stack)
-            items = read_prompts(stream, args.input_format)
-            leading: list[str | None] = []  # blank lines before the first prompt, then that prompt
+            items = read_numbered_prompts(stream, args.input_format)
+            leading: list[tuple[int, str | None]] = []  # blank lines before the first prompt, then that prompt
             for item in items:
                 leading.append(item)
-                if item is not None:
+                if item[1] is not None:
                     break
             else:
                 raise UsageError("no prompts: give one per line on stdin or with --input.")
-            generator = _load_pipeline(args, device)
+            generator = _load_pipeline(args, device, model_dir, tokenizer_dir)
         except (UsageError, OSError) as err:
             print(f"vaultgemma-hf run: {err}", file=sys.stderr)
             return 2
@@ -389,7 +334,8 @@ def run_command(args: argparse.Namespace) -> int:
 
             set_seed(args.seed)
 
-        kwargs = _generation_kwargs(args)
+        limit = _prompt_token_limit(generator.model.config, args.max_new_tokens)
+        kwargs = _generation_kwargs(args, limit)
         try:
             total = _count_prompts(path) if path is not None and path.is_file() and args.progress != "never" else None
             interactive = path is None and stream.isatty()
@@ -397,20 +343,22 @@ def run_command(args: argparse.Namespace) -> int:
             # inside the try: an error leaves atomic_output by exception, so a partial --output is never committed
             with atomic_output(args.output) as out, contextlib.closing(progress):
                 for batch in _batches(itertools.chain(leading, items), args.batch_size):
-                    prompts = [item for item in batch if item is not None]
+                    numbered = [(number, prompt) for number, prompt in batch if prompt is not None]
+                    _check_prompt_lengths(numbered, generator.tokenizer, limit, args, progress.write)
+                    prompts = [prompt for _, prompt in numbered]
                     results = iter(generator(prompts, batch_size=len(prompts), **kwargs) if prompts else ())
-                    for item in batch:
-                        if item is None:  # a blank input line: an empty result keeps the lines aligned
+                    for _, prompt in batch:
+                        if prompt is None:  # a blank input line: an empty result keeps the lines aligned
                             out.write(_format_result("", "", args.format))
                         else:
-                            out.write(_format_result(item, next(results)[0]["generated_text"], args.format))
+                            out.write(_format_result(prompt, next(results)[0]["generated_text"], args.format))
                     out.flush()  # stream results as they are produced
                     progress.update(len(prompts))
         except BrokenPipeError:  # stdout closed early (e.g. `| head -1`): stop quietly, as Python's docs advise
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             return 1
-        except ValueError as err:  # a bad input line, or a prompt longer than the model's positions
+        except ValueError as err:  # a bad input line, or (with --truncate none) a prompt too long for the model
             print(f"vaultgemma-hf run: {err}", file=sys.stderr)
             return 2
         except OSError as err:  # e.g. a full disk while writing --output
