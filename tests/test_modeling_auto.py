@@ -176,13 +176,64 @@ def test_text_generation_pipeline_matches_generate(tiny_model_dir):
         assert result[0]["generated_text"] == expected
 
 
-def test_fixture_is_a_fresh_build():
+def test_fixture_is_a_fresh_build(tmp_path):
     """The committed tiny checkpoint is what utils/make_fixtures.py produces from the current code."""
+    import importlib.util
+    import json
+    import shutil
+
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run(
-        [sys.executable, str(root / "utils" / "make_fixtures.py"), "--check"], capture_output=True, text=True
-    )
+    script = root / "utils" / "make_fixtures.py"
+    result = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+    # The check covers every file of the fixture, not only weights and corpus: drift in any of them is reported.
+    spec = importlib.util.spec_from_file_location("make_fixtures", script)
+    make_fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_fixtures)
+    committed = make_fixtures.FIXTURES
+    model_name, corpus_name = make_fixtures.MODEL_DIR.name, make_fixtures.CORPUS.name
+
+    def edit_json(name, change):
+        def edit(model_dir):
+            data = json.loads((model_dir / name).read_text())
+            change(data)
+            (model_dir / name).write_text(json.dumps(data))
+
+        return edit
+
+    def set_vocab_entry(data):
+        data["model"]["vocab"]["<unk>"] = 4
+
+    def change_one_weight(model_dir):
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(model_dir / "model.safetensors")
+        weights["model.norm.weight"][0] += 1e-3
+        save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+
+    perturbations = {
+        "tokenizer.json": edit_json("tokenizer.json", set_vocab_entry),
+        "tokenizer_config.json": edit_json("tokenizer_config.json", lambda d: d.update(padding_side="right")),
+        "config.json": edit_json("config.json", lambda d: d.update(rms_norm_eps=1e-5)),
+        "generation_config.json": edit_json("generation_config.json", lambda d: d.pop("pad_token_id")),
+        "model.safetensors": change_one_weight,
+        "not in a fresh build": lambda model_dir: (model_dir / "chat_template.jinja").write_text("{{ messages }}"),
+        "missing": lambda model_dir: (model_dir / "generation_config.json").unlink(),
+        corpus_name: lambda model_dir: (model_dir.parent / corpus_name).write_text("another corpus\n"),
+        # only which transformers release wrote the file: ignored, as are key order and indentation
+        None: edit_json("config.json", lambda d: d.update(transformers_version="0.0.1")),
+    }
+    for expected, perturb in perturbations.items():
+        copy = tmp_path / str(expected)
+        shutil.copytree(committed / model_name, copy / model_name)
+        shutil.copy(committed / corpus_name, copy / corpus_name)
+        perturb(copy / model_name)
+        found = make_fixtures.differences(committed, copy)
+        if expected is None:
+            assert found == [], found
+        else:
+            assert len(found) == 1 and expected in found[0], (expected, found)
 
 
 def test_top_level_exports_resolve():

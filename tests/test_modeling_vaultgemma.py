@@ -162,6 +162,30 @@ def test_sdpa_matches_eager_when_not_softcapped():
     assert diff[1, 3:].max() <= ATOL and diff[0].max() <= ATOL
 
 
+def test_sdpa_with_sliding_layers_matches_builtin_eager():
+    """SDPA on sliding-window layers (no softcap, so no fallback): sequences longer than the window, left padding."""
+    kwargs = tiny_config_kwargs(
+        num_hidden_layers=3,
+        num_key_value_heads=2,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=3,
+    )
+    ours, ref = make_pair(kwargs, seed=3, attn="sdpa")
+    ids = torch.randint(3, 97, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in one row
+    with torch.no_grad():
+        diff = (ours(ids, attention_mask=mask).logits - ref(ids, attention_mask=mask).logits).abs()
+    assert ours.config._attn_implementation == "sdpa"  # no fallback happened
+    assert diff[0].max() <= ATOL and diff[1, 4:].max() <= ATOL
+    prompt = torch.randint(3, 97, (2, 6))
+    prompt_mask = torch.ones_like(prompt)
+    prompt_mask[1, :2] = 0
+    generate = dict(attention_mask=prompt_mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(prompt, **generate), ref.generate(prompt, **generate))
+    assert ours.config._attn_implementation == "sdpa"
+
+
 def test_sdpa_is_the_default_and_softcap_falls_back_to_eager(caplog):
     assert VaultGemmaForCausalLM(VaultGemmaConfig(**tiny_config_kwargs())).config._attn_implementation == "sdpa"
     kwargs = PARITY_CONFIGS["sliding_softcap"]
@@ -269,27 +293,34 @@ def test_pickle_weights_are_refused_not_unpickled(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("direction", ["ours_to_builtin", "builtin_to_ours"])
-def test_save_pretrained_round_trip(tmp_path, direction):
-    ours, ref = make_pair(tiny_config_kwargs(num_key_value_heads=2))
+@pytest.mark.parametrize("name", sorted(PARITY_CONFIGS))
+def test_save_pretrained_round_trip(tmp_path, name, direction):
+    kwargs = PARITY_CONFIGS[name]
+    ours, ref = make_pair(kwargs, seed=len(name))
     src, dst_class = (
-        (ours, transformers.VaultGemmaForCausalLM)
-        if direction == "ours_to_builtin"
-        else (
-            ref,
-            VaultGemmaForCausalLM,
-        )
+        (ours, transformers.VaultGemmaForCausalLM) if direction == "ours_to_builtin" else (ref, VaultGemmaForCausalLM)
     )
     src.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     assert not list(tmp_path.glob("*.bin"))
-    loaded = dst_class.from_pretrained(tmp_path).eval()
+    # eager on both sides: same ops in the same order, so the logits are bit-identical
+    loaded = dst_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    shape_keys = ("num_key_value_heads", "layer_types", "sliding_window", "attention_bias", "query_pre_attn_scalar")
+    for key in shape_keys + ("attn_logit_softcapping", "final_logit_softcapping"):
+        assert getattr(loaded.config, key) == getattr(src.config, key), key
     state = src.state_dict()
-    for name, tensor in loaded.state_dict().items():
-        assert torch.equal(tensor, state[name]), name
+    assert loaded.state_dict().keys() == state.keys()
+    for param_name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, state[param_name]), param_name
     ids = torch.randint(3, 97, (2, 8))
-    with torch.no_grad():  # the two may use different attention backends (sdpa vs eager)
-        assert (loaded(ids).logits - src(ids).logits).abs().max() <= ATOL
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, src(ids).logits)
+    # tied stays one shared tensor, untied two distinct ones
+    tied = kwargs["tie_word_embeddings"]
+    assert loaded.config.tie_word_embeddings is tied
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) is tied
+    if not tied:  # the head was loaded as its own weights, not re-tied to (or copied from) the embeddings
+        assert not torch.equal(loaded.lm_head.weight, loaded.model.embed_tokens.weight)
 
 
 def test_device_map_loading(tmp_path):

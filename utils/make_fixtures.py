@@ -10,6 +10,7 @@ It is the embedded default of the CLI, the demo and the tests. Re-run after chan
 
     python utils/make_fixtures.py            # rewrites the fixtures (seeded, deterministic)
     python utils/make_fixtures.py --check    # exits 1 if the committed fixtures differ from a fresh build
+                                             # (weights, corpus, config/generation/tokenizer JSON; see `differences`)
 """
 
 from __future__ import annotations
@@ -139,6 +140,63 @@ def build(out_dir: Path) -> None:
     config_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+# JSON fields that legitimately differ between two builds of the same fixtures, so `--check` ignores them (at the top
+# level of each file): `transformers_version` records whichever transformers release wrote the file (CI tests the
+# newest 5.x and the 5.17 lower bound; both write otherwise identical files). Nothing else is ignored.
+IGNORED_JSON_FIELDS = {"transformers_version"}
+
+
+def _json_without_ignored(path: Path) -> object:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict):
+        data = {key: value for key, value in data.items() if key not in IGNORED_JSON_FIELDS}
+    return data
+
+
+def differences(fresh_root: Path, committed_root: Path) -> list[str]:
+    """What differs between two fixture trees (the FIXTURES layout): one line per differing file, empty if none.
+
+    Compares the corpus text, the model directory's file names, the weights (names, dtypes, values) and every JSON
+    file (config, generation config, tokenizer, tokenizer config) as parsed data minus IGNORED_JSON_FIELDS.
+    """
+    from safetensors.torch import load_file
+
+    found = []
+    if (fresh_root / CORPUS.name).read_text(encoding="utf-8") != (committed_root / CORPUS.name).read_text(
+        encoding="utf-8"
+    ):
+        found.append(f"{CORPUS.name}: text differs")
+    fresh_dir, committed_dir = fresh_root / MODEL_DIR.name, committed_root / MODEL_DIR.name
+    fresh_files = {path.name for path in fresh_dir.iterdir()}
+    committed_files = {path.name for path in committed_dir.iterdir()}
+    if fresh_files - committed_files:
+        found.append(f"{MODEL_DIR.name}: missing {sorted(fresh_files - committed_files)}")
+    if committed_files - fresh_files:
+        found.append(f"{MODEL_DIR.name}: not in a fresh build {sorted(committed_files - fresh_files)}")
+    for name in sorted(fresh_files & committed_files):
+        fresh_path, committed_path = fresh_dir / name, committed_dir / name
+        if name.endswith(".safetensors"):
+            fresh, committed = load_file(fresh_path), load_file(committed_path)
+            changed = sorted(fresh.keys() ^ committed.keys()) or [
+                key
+                for key in sorted(fresh)
+                if fresh[key].dtype != committed[key].dtype or not torch.equal(fresh[key], committed[key])
+            ]
+            if changed:
+                found.append(f"{MODEL_DIR.name}/{name}: tensors differ {changed}")
+        elif name.endswith(".json"):
+            fresh, committed = _json_without_ignored(fresh_path), _json_without_ignored(committed_path)
+            if fresh != committed:
+                if isinstance(fresh, dict) and isinstance(committed, dict):
+                    keys = sorted(k for k in fresh.keys() | committed.keys() if fresh.get(k) != committed.get(k))
+                    found.append(f"{MODEL_DIR.name}/{name}: fields differ {keys}")
+                else:
+                    found.append(f"{MODEL_DIR.name}/{name}: content differs")
+        elif fresh_path.read_bytes() != committed_path.read_bytes():
+            found.append(f"{MODEL_DIR.name}/{name}: bytes differ")
+    return found
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="Only compare a fresh build with the committed one.")
@@ -147,14 +205,13 @@ def main() -> int:
         tmp = Path(tmp)
         build(tmp)
         if args.check:
-            from safetensors.torch import load_file
-
-            fresh = load_file(tmp / MODEL_DIR.name / "model.safetensors")
-            committed = load_file(MODEL_DIR / "model.safetensors")
-            same = fresh.keys() == committed.keys() and all(torch.equal(fresh[k], committed[k]) for k in fresh)
-            same &= (tmp / CORPUS.name).read_text() == CORPUS.read_text()
-            print("fixtures up to date" if same else "fixtures differ from a fresh build: run utils/make_fixtures.py")
-            return 0 if same else 1
+            found = differences(tmp, FIXTURES)
+            if not found:
+                print("fixtures up to date")
+                return 0
+            print("fixtures differ from a fresh build (run utils/make_fixtures.py):")
+            print("\n".join(f"  {line}" for line in found))
+            return 1
         FIXTURES.mkdir(parents=True, exist_ok=True)
         staged = Path(tempfile.mkdtemp(dir=FIXTURES, prefix=".staging-"))
         try:
