@@ -153,6 +153,21 @@ def test_run_jsonl_to_json_file(tmp_path, tiny_model_dir):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_run_output_to_a_pipe_writes_through_it(tmp_path):
+    """`--output /dev/stdout` or a named pipe is written to, not replaced by a renamed temp file."""
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    src = tmp_path / "prompts.txt"
+    src.write_text("Student Noor at\n")
+    assert main(["run", "--input", str(src), "--output", str(fifo), "--max-new-tokens", "3"]) == 0
+    reader.join(timeout=30)
+    assert fifo.is_fifo() and received and received[0].startswith("Student Noor at")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.fifo", "prompts.txt"]
+
+
 def test_run_continuation_only(monkeypatch, capsys, tiny_model_dir):
     monkeypatch.setattr("sys.stdin", io.StringIO("Patient Alex reported\n"))
     assert main(["run", "--max-new-tokens", "4", "--continuation-only"]) == 0

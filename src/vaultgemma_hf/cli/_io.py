@@ -19,7 +19,9 @@ class UsageError(ValueError):
 def atomic_output(path: str | os.PathLike | None) -> Iterator[TextIO]:
     """Yields a text stream: stdout when `path` is None or "-", else a temp file renamed onto `path` on success.
 
-    On any exception the temp file is removed, so a failed command leaves nothing partial at `path`.
+    On any exception the temp file is removed, so a failed command leaves nothing partial at `path`. A path that
+    exists and is not a regular file (`/dev/stdout`, a named pipe) is written to directly: renaming onto it would
+    replace the device node or pipe instead of writing through it.
     """
     if path is None or str(path) == "-":
         yield sys.stdout
@@ -28,6 +30,10 @@ def atomic_output(path: str | os.PathLike | None) -> Iterator[TextIO]:
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(f"output path {target} is a directory; give a file path")
+    if target.exists() and not target.is_file():
+        with open(target, "w", encoding="utf-8") as stream:
+            yield stream
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
