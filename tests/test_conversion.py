@@ -558,3 +558,96 @@ def test_npz_and_safetensors_work_without_orbax(tmp_path, monkeypatch):
     with pytest.raises(MissingDependencyError, match=r"vaultgemma-hf\[convert\]"):
         convert(tmp_path / "hf", tmp_path / "back_orbax")
     assert not (tmp_path / "back_orbax").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trees of the gemma library and of its Kauldron trainer (Orbax versions: test_conversion_orbax.py)
+
+
+def gemma_library_tree(params: dict[str, np.ndarray], kind: str) -> dict[str, np.ndarray]:
+    """The flat keys of `params` as `gm.ckpts.save_params` ("nested": the Flax `model.init()['params']`, without
+    the `transformer` level) or a Kauldron `TrainState` ("kauldron": `params`, `opt_state`, `step`, `collections`)
+    store them."""
+    bare = {key.removeprefix("transformer/"): value for key, value in params.items()}
+    if kind == "nested":
+        return bare
+    tree = {f"params/{key}": value for key, value in bare.items()}
+    tree.update({f"opt_state/0/mu/{key}": np.full_like(value, 7.0) for key, value in bare.items()})
+    tree["step"] = np.array(1000, np.int64)
+    tree["collections/ema/embedder/input_embedding"] = np.zeros_like(params[EMB])
+    return tree
+
+
+@pytest.mark.parametrize("kind", ["nested", "kauldron"])
+def test_gemma_library_and_trainer_trees_convert_and_match_the_oracle(tmp_path, caplog, kind):
+    params = random_jax_params(seed=21)
+    tree = gemma_library_tree(params, kind)
+    assert "embedder/input_embedding" in tree or "params/embedder/input_embedding" in tree
+    np.savez(tmp_path / "src.npz", **tree)
+    with caplog.at_level(logging.WARNING):
+        convert(tmp_path / "src.npz", tmp_path / "hf")
+    if kind == "kauldron":
+        assert "ignored collections, opt_state, step" in caplog.text
+    prompt = [4, 40, 0, 96, 13, 13, 2]
+    expected = oracle_logits(params, prompt, heads=4, kv_heads=4, query_pre_attn_scalar=8, gating="FD")
+    actual = hf_model_logits(load_eager(tmp_path / "hf"), np.array([prompt]))[0]
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(actual - expected).max() < 1e-4
+    # The way back writes the canonical layout, bit for bit.
+    convert(tmp_path / "hf", tmp_path / "back.npz")
+    back = load_npz(tmp_path / "back.npz")
+    assert set(back) == set(params) and all(bits_equal(back[k], params[k]) for k in params)
+
+
+def test_unknown_root_beside_params_is_not_dropped(tmp_path):
+    """Only a trainer's training state is ignored: another root beside `params` is reported, not dropped."""
+    tree = gemma_library_tree(random_jax_params(), "kauldron")
+    tree["ema_params/embedder/input_embedding"] = tree["params/embedder/input_embedding"]
+    np.savez(tmp_path / "src.npz", **tree)
+    with pytest.raises(ConversionError, match=r"unknown key\(s\): .*ema_params/embedder/input_embedding"):
+        convert(tmp_path / "src.npz", tmp_path / "out")
+    _assert_nothing_written(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic output: a destination that appears during the conversion is left alone
+
+
+def test_destination_created_during_the_conversion_is_not_replaced(tmp_path, monkeypatch):
+    import vaultgemma_hf.conversion.io_hf as io_hf
+
+    real_save = io_hf.save_config_like_model
+
+    def someone_else_writes_out(path, config):
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "theirs.txt").write_text("not ours")
+        return real_save(path, config)
+
+    monkeypatch.setattr(io_hf, "save_config_like_model", someone_else_writes_out)
+    np.savez(tmp_path / "src.npz", **random_jax_params())
+    with pytest.raises(ConversionError, match="out appeared while converting"):
+        convert(tmp_path / "src.npz", tmp_path / "out")
+    assert os.listdir(tmp_path / "out") == ["theirs.txt"]
+    assert (tmp_path / "out" / "theirs.txt").read_text() == "not ours"
+    assert sorted(os.listdir(tmp_path)) == ["out", "src.npz"]  # the temporary output is gone
+
+
+def test_file_destination_created_during_the_conversion_is_not_replaced(tmp_path, monkeypatch):
+    import vaultgemma_hf.conversion.pipeline as pipeline
+
+    np.savez(tmp_path / "src.npz", **random_jax_params())
+    convert(tmp_path / "src.npz", tmp_path / "hf")
+    real_write = pipeline.write_jax
+
+    def someone_else_writes_back(params, path, fmt):
+        (tmp_path / "back.npz").write_bytes(b"not ours")
+        real_write(params, path, fmt)
+
+    monkeypatch.setattr(pipeline, "write_jax", someone_else_writes_back)
+    with pytest.raises(ConversionError, match="back.npz appeared while converting"):
+        convert(tmp_path / "hf", tmp_path / "back.npz")
+    assert (tmp_path / "back.npz").read_bytes() == b"not ours"
+    assert sorted(os.listdir(tmp_path)) == ["back.npz", "hf", "src.npz"]
+    # With --overwrite the same race replaces it, as asked.
+    convert(tmp_path / "hf", tmp_path / "back.npz", overwrite=True)
+    assert bits_equal(load_npz(tmp_path / "back.npz")[EMB], random_jax_params()[EMB])

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from test_conversion import hf_model_logits, load_eager, random_jax_params
 from vaultgemma_hf.cli.main import main
@@ -195,3 +198,190 @@ def test_user_errors_exit_2_with_a_message(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("vaultgemma-hf convert: error:") and message in err and "Traceback" not in err
     assert sorted(os.listdir(tmp_path)) == ["src.npz"]
+
+
+def _hf_copy(tiny_model_dir, tmp_path, name="src"):
+    """A writable copy of the tiny HF checkpoint, with the side files a JAX -> HF conversion records."""
+    shutil.copytree(tiny_model_dir, tmp_path / name)
+    (tmp_path / name / "jax_layout.json").write_text('{"attention": "fused", "gating": "FD"}')
+    return tmp_path / name
+
+
+def _bad_config_json(tmp_path, tiny_model_dir):
+    src = _hf_copy(tiny_model_dir, tmp_path)
+    (src / "config.json").write_text('{"model_type": "vaultgemma",')
+    return [src, tmp_path / "out.npz"], "config.json: not valid JSON"
+
+
+def _bad_index_json(tmp_path, tiny_model_dir):
+    src = _hf_copy(tiny_model_dir, tmp_path)
+    (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
+    (src / "model.safetensors.index.json").write_text('{"weight_map": {"model.norm.weight": }')
+    return [src, tmp_path / "out.npz"], "model.safetensors.index.json: not valid JSON"
+
+
+def _bad_config_option(tmp_path, tiny_model_dir):
+    np.savez(tmp_path / "src.npz", **random_jax_params())
+    (tmp_path / "my_config.json").write_text("{'vocab_size': 97}")
+    return [tmp_path / "src.npz", tmp_path / "out", "--config", tmp_path / "my_config.json"], "--config"
+
+
+def _bad_adapter_config(tmp_path, tiny_model_dir):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"peft_type": "LORA"')
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    return ["--merge-lora", tmp_path / "adapter", tiny_model_dir, tmp_path / "out"], "adapter_config.json: not valid"
+
+
+def _padding_without_rows(tmp_path, tiny_model_dir):
+    src = _hf_copy(tiny_model_dir, tmp_path)
+    save_file({"rows": torch.ones(8, 64)}, str(src / "jax_embedding_padding.safetensors"))
+    return [src, tmp_path / "out.npz"], "jax_embedding_padding.safetensors: no 'padding_rows' tensor"
+
+
+def _layout_not_an_object(tmp_path, tiny_model_dir):
+    src = _hf_copy(tiny_model_dir, tmp_path)
+    (src / "jax_layout.json").write_text('["split", "DF"]')
+    return [src, tmp_path / "out.npz"], "jax_layout.json: expected a JSON object, got list"
+
+
+def _layout_bad_value(tmp_path, tiny_model_dir):
+    src = _hf_copy(tiny_model_dir, tmp_path)
+    (src / "jax_layout.json").write_text('{"attention": "fused", "embedding_rows": "many"}')
+    return [src, tmp_path / "out.npz"], "jax_layout.json: embedding_rows must be a positive integer"
+
+
+def _rope_theta_not_a_number(tmp_path, tiny_model_dir):
+    np.savez(tmp_path / "src.npz", **random_jax_params())
+    return [tmp_path / "src.npz", tmp_path / "out", "--override", 'rope_theta="abc"'], "rope_theta='abc'"
+
+
+def _rope_theta_not_a_number_hf(tmp_path, tiny_model_dir):
+    return [tiny_model_dir, tmp_path / "out", "--to", "hf", "--override", "rope_theta=abc"], "rope_theta='abc'"
+
+
+def _verify_longer_than_the_model(tmp_path, tiny_model_dir):
+    np.savez(tmp_path / "src.npz", **random_jax_params())
+    return [tmp_path / "src.npz", tmp_path / "out", "--verify", "--verify-length", "1100"], "--verify-length 1100"
+
+
+def _verify_longer_than_the_model_hf(tmp_path, tiny_model_dir):
+    argv = [tiny_model_dir, tmp_path / "out.npz", "--verify", "--verify-length", "1025"]
+    return argv, "--verify-length 1025 is longer than the model's max_position_embeddings = 1024"
+
+
+def _zero_jax_vocab_size(tmp_path, tiny_model_dir):
+    return [tiny_model_dir, tmp_path / "out.npz", "--jax-vocab-size", "0"], "--jax-vocab-size must be a positive"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        _bad_config_json,
+        _bad_index_json,
+        _bad_config_option,
+        _bad_adapter_config,
+        _padding_without_rows,
+        _layout_not_an_object,
+        _layout_bad_value,
+        _rope_theta_not_a_number,
+        _rope_theta_not_a_number_hf,
+        _verify_longer_than_the_model,
+        _verify_longer_than_the_model_hf,
+        _zero_jax_vocab_size,
+    ],
+)
+def test_bad_files_and_values_exit_2_with_one_line(tmp_path, tiny_model_dir, capsys, monkeypatch, case):
+    import vaultgemma_hf.conversion.pipeline as pipeline
+
+    argv, message = case(tmp_path, tiny_model_dir)
+    if case in (_verify_longer_than_the_model, _verify_longer_than_the_model_hf):
+        # Refused as soon as the config is known: before the mapping (JAX) or the weights are read (HF).
+        def too_late(*args, **kwargs):
+            raise AssertionError("the conversion ran before the option was checked")
+
+        monkeypatch.setattr(pipeline, "jax_to_hf", too_late)
+        monkeypatch.setattr(pipeline, "read_hf", too_late)
+    before = sorted(os.listdir(tmp_path))
+    assert run(*argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vaultgemma-hf convert: error:") and message in err, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0, err
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written, no temporary directory left
+
+
+def test_a_recorded_layout_with_bad_values_names_the_file(tmp_path, tiny_model_dir):
+    from vaultgemma_hf.conversion import ConversionError, convert
+
+    src = _hf_copy(tiny_model_dir, tmp_path)
+    (src / "jax_layout.json").write_text('{"attention": "mixed"}')
+    with pytest.raises(ConversionError, match=r"jax_layout.json: attention layout must be one of"):
+        convert(src, tmp_path / "out.npz")
+    assert not (tmp_path / "out.npz").exists()
+
+
+def _make_embedding_adapter(base_dir, adapter_dir, target_modules, **kwargs):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(1)
+    base = load_eager(base_dir)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=target_modules, init_lora_weights=False, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns about adapters on tied layers: that is the point here
+        model = peft.get_peft_model(base, config).eval()
+    model.save_pretrained(str(adapter_dir))
+    return model
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [
+        (["q_proj", "embed_tokens"], "LoRA layer on model.embed_tokens but nothing on lm_head"),
+        (["v_proj", "lm_head"], "LoRA layer on lm_head but nothing on model.embed_tokens"),
+    ],
+)
+def test_merge_lora_refuses_an_adapter_that_unties_the_output_layer(
+    tmp_path, tiny_model_dir, capsys, targets, message
+):
+    _make_embedding_adapter(tiny_model_dir, tmp_path / "adapter", targets)
+    assert run("--merge-lora", tmp_path / "adapter", tiny_model_dir, tmp_path / "merged") == 2
+    err = capsys.readouterr().err
+    assert message in err and "ensure_weight_tying=True" in err and "Traceback" not in err, err
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_merge_lora_with_tied_embedding_adapters_matches_the_peft_model(tmp_path, tiny_model_dir):
+    """With `ensure_weight_tying=True` PEFT ties the lm_head adapter to the embedding's: that adapter is mergeable.
+    (PEFT's own merge adds the update to the shared matrix twice, once per module; the merged checkpoint holds it
+    once.)"""
+    peft_model = _make_embedding_adapter(
+        tiny_model_dir, tmp_path / "adapter", ["q_proj", "embed_tokens"], ensure_weight_tying=True
+    )
+    assert run("--merge-lora", tmp_path / "adapter", tiny_model_dir, tmp_path / "merged", "--verify") == 0
+    prompts = np.random.default_rng(3).integers(0, 512, size=(2, 9))
+    expected = hf_model_logits(peft_model, prompts)
+    base = hf_model_logits(load_eager(tiny_model_dir), prompts)
+    actual = hf_model_logits(load_eager(tmp_path / "merged"), prompts)
+    assert np.abs(base - expected).max() > 1.0  # the adapter (embedding included) matters
+    assert np.abs(actual - expected).max() < 1e-3 * max(1.0, np.abs(expected).max())
+
+
+def test_merge_is_always_checked_against_the_peft_model(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    """Even without --verify, merged weights that compute another model than the PEFT model are refused."""
+    import vaultgemma_hf.conversion.lora as lora
+
+    _make_embedding_adapter(tiny_model_dir, tmp_path / "adapter", ["q_proj", "embed_tokens"])
+    monkeypatch.setattr(lora, "check_tied_layers", lambda *args: None)  # let the untying adapter through
+    assert run("--merge-lora", tmp_path / "adapter", tiny_model_dir, tmp_path / "merged") == 2
+    err = capsys.readouterr().err
+    assert "the merged weights do not compute the PEFT model" in err and "nothing was written" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_zero_jax_vocab_size_is_not_ignored_from_python(tmp_path, tiny_model_dir):
+    from vaultgemma_hf.conversion import ConversionError, convert
+
+    with pytest.raises(ConversionError, match="--jax-vocab-size must be a positive"):
+        convert(tiny_model_dir, tmp_path / "out.npz", jax_vocab_size=0)
+    with pytest.raises(ConversionError, match="--jax-vocab-size 500 is smaller than vocab_size = 512"):
+        convert(tiny_model_dir, tmp_path / "out.npz", jax_vocab_size=500)
+    assert os.listdir(tmp_path) == []

@@ -93,3 +93,57 @@ def test_hf_to_orbax_with_padding_and_verify(tmp_path, tiny_model_dir, capsys):
     table = restored["transformer/embedder/input_embedding"]
     assert table.shape == (520, 64) and not table[512:].any()
     assert restored["transformer/layer_1/attn/qkv_einsum/w"].shape == (3, 2, 64, 32)
+
+
+def _trainer_state(params: dict[str, np.ndarray]) -> dict:
+    """A Kauldron `TrainState`-like tree: the Flax params plus optimizer state (tuples, as optax's), step and
+    collections."""
+    bare = nest(params)["transformer"]
+    opt_state = ({"mu": nest({k: np.ones_like(v) for k, v in params.items()})["transformer"]}, {"count": np.int32(3)})
+    return {"params": bare, "opt_state": opt_state, "step": np.int64(1000), "collections": {}}
+
+
+@pytest.mark.parametrize("kind", ["gm.ckpts.save_params", "kauldron"])
+def test_gemma_library_checkpoints_are_read(tmp_path, caplog, kind):
+    """`gm.ckpts.save_params` saves `model.init()['params']` (no `transformer` level) with a StandardCheckpointer;
+    a Kauldron trainer checkpoint holds `{'params', 'opt_state', 'step', 'collections'}`."""
+    import logging
+
+    params = random_jax_params(seed=8, attention="split", kv_heads=2)
+    tree = nest(params)["transformer"] if kind != "kauldron" else _trainer_state(params)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "src", tree)
+    checkpointer.wait_until_finished()
+
+    with caplog.at_level(logging.WARNING):
+        assert main(["convert", str(tmp_path / "src"), str(tmp_path / "hf"), "--verify", "--quiet"]) == 0
+    if kind == "kauldron":
+        assert "ignored collections, opt_state, step" in caplog.text
+    prompt = [9, 8, 7, 60, 61, 1]
+    expected = oracle_logits(params, prompt, heads=4, kv_heads=2, query_pre_attn_scalar=8, gating="FD")
+    actual = hf_model_logits(load_eager(tmp_path / "hf"), np.array([prompt]))[0]
+    assert np.abs(expected).max() > 1.0
+    assert np.abs(actual - expected).max() < 1e-4
+
+
+def test_trainer_checkpoint_without_partial_restore(tmp_path, monkeypatch):
+    """With an Orbax that has no partial restore, the whole state is restored and only `params` is kept."""
+    real, refused = ocp.args.PyTreeRestore, []
+
+    def without_partial_restore(*args, partial_restore=None, **kwargs):
+        if partial_restore is not None:
+            refused.append(partial_restore)
+            raise TypeError("unexpected keyword argument 'partial_restore'")
+        return real(*args, **kwargs)
+
+    params = random_jax_params(seed=9)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "src", _trainer_state(params))
+    checkpointer.wait_until_finished()
+    monkeypatch.setattr(ocp.args, "PyTreeRestore", without_partial_restore)
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "hf"), "--quiet"]) == 0
+    assert refused == [True]  # the fallback ran
+    prompt = [3, 1, 4, 1, 5]
+    expected = oracle_logits(params, prompt, heads=4, kv_heads=4, query_pre_attn_scalar=8, gating="FD")
+    actual = hf_model_logits(load_eager(tmp_path / "hf"), np.array([prompt]))[0]
+    assert np.abs(actual - expected).max() < 1e-4

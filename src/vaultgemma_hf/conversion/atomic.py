@@ -24,7 +24,8 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         overwrite: Replace an existing `dst` (it is only removed once the new output is complete).
 
     Raises:
-        ConversionError: `dst` exists and `overwrite` is False.
+        ConversionError: `dst` exists and `overwrite` is False, checked on entry and again just before the final
+            rename (a `dst` created by someone else during the conversion is left untouched).
     """
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:
@@ -36,7 +37,13 @@ def atomic_output(dst: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         yield work
         if not work.exists():
             raise ConversionError(f"internal error: nothing was written for {dst}")
-        if dst.exists():
+        if dst.exists() or dst.is_symlink():
+            if not overwrite:
+                # Something appeared at `dst` while we were converting: it is not ours to replace.
+                raise ConversionError(
+                    f"{dst} appeared while converting; it was left as is and nothing was written (pass --overwrite "
+                    "to replace it)"
+                )
             old = staging / (dst.name + ".old")
             os.rename(dst, old)
             os.rename(work, dst)

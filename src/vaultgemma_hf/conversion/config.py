@@ -10,6 +10,7 @@ from typing import Any
 from transformers.utils import logging
 
 from .errors import ConversionError
+from .files import read_json_object
 from .layout import EMBEDDING, count_layers, detect_attention_layout, layer_prefix
 
 logger = logging.get_logger(__name__)
@@ -148,8 +149,7 @@ def load_base_config(spec: str | Mapping[str, Any] | None) -> tuple[dict[str, An
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
         raise ConversionError(f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file")
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = read_json_object(path, "--config")
     if data.get("model_type", "vaultgemma") != "vaultgemma":
         raise ConversionError(f"{path}: model_type is {data['model_type']!r}, expected 'vaultgemma'")
     ignored = {"architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "use_cache", "auto_map"}
@@ -263,10 +263,25 @@ def infer_config(
     values.update({k: v for k, v in override_values.items() if k not in SHAPE_KEYS})
     values.setdefault("query_pre_attn_scalar", values["head_dim"])
     if "rope_theta" in values:
-        values["rope_parameters"] = {"rope_type": "default", "rope_theta": float(values.pop("rope_theta"))}
+        values["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta(values.pop("rope_theta"))}
     values["layer_types"] = ["full_attention"] * values["num_hidden_layers"]
     values.update(FIXED)
     return values
+
+
+def rope_theta(value: Any) -> float:
+    """Reads a `rope_theta` value (a positive number).
+
+    Raises:
+        ConversionError: naming the value when it is not a positive number.
+    """
+    try:
+        theta = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        theta = float("nan")
+    if not theta > 0 or theta == float("inf"):
+        raise ConversionError(f"rope_theta={value!r} is not a positive number (e.g. --override rope_theta=10000)")
+    return theta
 
 
 def make_config(values: Mapping[str, Any], *, dtype: str | None = None):
@@ -274,7 +289,7 @@ def make_config(values: Mapping[str, Any], *, dtype: str | None = None):
     config_class, _ = model_classes()
     values = dict(values)
     if "rope_theta" in values:
-        values["rope_parameters"] = {"rope_type": "default", "rope_theta": float(values.pop("rope_theta"))}
+        values["rope_parameters"] = {"rope_type": "default", "rope_theta": rope_theta(values.pop("rope_theta"))}
     values.setdefault("layer_types", ["full_attention"] * int(values["num_hidden_layers"]))
     try:
         config = config_class(**values)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import model_classes
 from .errors import ConversionError
+from .files import read_json_object
 from .layout import Dims, JaxLayout, expected_hf_shapes
 from .tensors import dominant_dtype, dtype_name
 
@@ -105,6 +106,25 @@ def _load_safetensors(file: Path, keys: Sequence[str] | None = None) -> dict[str
         raise ConversionError(f"cannot read {file}: {err}") from err
 
 
+def read_hf_config(path: str | os.PathLike) -> Any:
+    """Reads the `VaultGemmaConfig` of an HF VaultGemma directory (without its weights).
+
+    Raises:
+        ConversionError: naming `config.json` when it is not JSON, not a VaultGemma config or invalid.
+    """
+    path = Path(path)
+    config_dict = read_json_object(path / "config.json")
+    if config_dict.get("model_type") != "vaultgemma":
+        raise ConversionError(
+            f"{path / 'config.json'}: model_type is {config_dict.get('model_type')!r}, not 'vaultgemma'"
+        )
+    config_class, _ = model_classes()
+    try:
+        return config_class.from_pretrained(str(path))
+    except Exception as err:
+        raise ConversionError(f"{path / 'config.json'}: not a valid VaultGemma config: {err}") from err
+
+
 def read_hf(path: str | os.PathLike, *, progress: bool = False) -> HfCheckpoint:
     """Reads config, weights (safetensors only) and conversion side files of an HF VaultGemma directory."""
     path = Path(path)
@@ -116,21 +136,12 @@ def read_hf(path: str | os.PathLike, *, progress: bool = False) -> HfCheckpoint:
                 "(re-save them with safetensors first)"
             )
         raise ConversionError(f"{path} is not an HF checkpoint directory (config.json + {WEIGHTS_NAME} or index)")
-    with open(path / "config.json", encoding="utf-8") as f:
-        config_dict = json.load(f)
-    if config_dict.get("model_type") != "vaultgemma":
-        raise ConversionError(
-            f"{path / 'config.json'}: model_type is {config_dict.get('model_type')!r}, not 'vaultgemma'"
-        )
-    config_class, _ = model_classes()
-    try:
-        config = config_class.from_pretrained(str(path))
-    except Exception as err:
-        raise ConversionError(f"{path / 'config.json'}: not a valid VaultGemma config: {err}") from err
+    config = read_hf_config(path)
 
     if (path / INDEX_NAME).is_file():
-        with open(path / INDEX_NAME, encoding="utf-8") as f:
-            weight_map: dict[str, str] = json.load(f).get("weight_map", {})
+        weight_map = read_json_object(path / INDEX_NAME).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ConversionError(f"{path / INDEX_NAME}: weight_map must map parameter names to file names")
         if not weight_map:
             raise ConversionError(f"{path / INDEX_NAME} has an empty weight_map")
         by_file: dict[str, list[str]] = {}
@@ -147,13 +158,21 @@ def read_hf(path: str | os.PathLike, *, progress: bool = False) -> HfCheckpoint:
 
     checkpoint = HfCheckpoint(state_dict=state, config=config, path=path)
     if (path / JAX_LAYOUT_NAME).is_file():
-        with open(path / JAX_LAYOUT_NAME, encoding="utf-8") as f:
-            checkpoint.jax_layout = JaxLayout.from_dict(json.load(f))
+        layout_file = path / JAX_LAYOUT_NAME
+        layout_data = read_json_object(layout_file)
+        try:
+            checkpoint.jax_layout = JaxLayout.from_dict(layout_data)
+        except ConversionError as err:
+            raise ConversionError(f"{layout_file}: {err}") from err
     if (path / JAX_PADDING_NAME).is_file():
-        checkpoint.padding_rows = _load_safetensors(path / JAX_PADDING_NAME)["padding_rows"]
+        padding = _load_safetensors(path / JAX_PADDING_NAME)
+        if "padding_rows" not in padding:
+            raise ConversionError(
+                f"{path / JAX_PADDING_NAME}: no 'padding_rows' tensor (found {sorted(padding) or 'none'})"
+            )
+        checkpoint.padding_rows = padding["padding_rows"]
     if (path / "generation_config.json").is_file():
-        with open(path / "generation_config.json", encoding="utf-8") as f:
-            checkpoint.generation_config = json.load(f)
+        checkpoint.generation_config = read_json_object(path / "generation_config.json")
     checkpoint.tokenizer_files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
     return checkpoint
 

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 from .errors import ORBAX_HINT, ConversionError, MissingDependencyError
-from .layout import flatten_tree, normalize_jax_keys, unflatten_tree
+from .layout import flatten_tree, normalize_jax_keys, training_state_roots, unflatten_tree
 from .tensors import numpy_to_torch, torch_to_numpy
+
+logger = logging.get_logger(__name__)
 
 ORBAX_MARKERS = (
     "_METADATA",
@@ -83,11 +86,26 @@ def _metadata_tree(checkpointer, path: Path):
     return getattr(metadata, "tree", metadata)
 
 
+def _restore_params_only(ocp, checkpointer, path: Path, meta: Mapping, restore_args) -> dict:
+    """Restores the `params` subtree of a checkpoint (`meta` = `{'params': metadata}`) and nothing else."""
+    import jax
+
+    try:
+        args = ocp.args.PyTreeRestore(item=meta, restore_args=restore_args, partial_restore=True)
+    except TypeError:  # an Orbax without partial restore: restore everything, keep the params
+        full = _metadata_tree(checkpointer, path)
+        full_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), full)
+        return {"params": checkpointer.restore(path, restore_args=full_args)["params"]}
+    return checkpointer.restore(path, args=args)
+
+
 def read_orbax(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Restores an Orbax PyTree checkpoint as host numpy arrays and returns `{normalised key: tensor}`.
 
-    Both the nested tree (`{'transformer': {'layer_0': ...}}`) and the flat tree of the released gemma
-    checkpoints (`{'transformer/layer_0/attn/q_einsum': {'w': ...}}`) are accepted.
+    Accepted trees: nested with a `transformer` level (`{'transformer': {'layer_0': ...}}`, what `write_orbax`
+    writes), nested without it (`{'embedder', 'layer_0', ..., 'final_norm'}`, what `gm.ckpts.save_params` writes),
+    the flat tree of the released gemma checkpoints (`{'transformer/layer_0/attn/q_einsum': {'w': ...}}`) and a
+    Kauldron trainer state (`{'params', 'opt_state', 'step', 'collections'}`: only `params` is restored).
     """
     ocp = import_orbax()
     import jax
@@ -96,8 +114,18 @@ def read_orbax(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         meta = _metadata_tree(checkpointer, path)
+        ignored = training_state_roots(meta) if isinstance(meta, Mapping) else None
+        if ignored:  # a trainer checkpoint: restore its params only, not the (larger) optimizer state
+            logger.warning(
+                f"{path}: trainer checkpoint, converting its 'params' only; ignored {', '.join(ignored)} "
+                "(training state)"
+            )
+            meta = {"params": meta["params"]}
         restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-        tree = checkpointer.restore(path, restore_args=restore_args)
+        if ignored:
+            tree = _restore_params_only(ocp, checkpointer, path, meta, restore_args)
+        else:
+            tree = checkpointer.restore(path, restore_args=restore_args)
     except Exception as err:  # orbax raises many types; report them as one clear error
         raise ConversionError(
             f"cannot restore {path} as an Orbax PyTree checkpoint ({type(err).__name__}: {err}). If this is a "

@@ -28,8 +28,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+from transformers.utils import logging
 
 from .errors import ConversionError
+
+logger = logging.get_logger(__name__)
 
 EMBEDDING = "transformer/embedder/input_embedding"
 FINAL_NORM = "transformer/final_norm/scale"
@@ -115,7 +118,20 @@ class JaxLayout:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JaxLayout:
+        """Reads the dict written by `to_dict` (unknown keys are ignored).
+
+        Raises:
+            ConversionError: `data` is not a dict, or a value has the wrong type.
+        """
+        if not isinstance(data, Mapping):
+            raise ConversionError(f"expected a JSON object, got {type(data).__name__}")
         known = {k: data[k] for k in ("attention", "gating", "embedding_rows", "dropped_keys") if k in data}
+        rows = known.get("embedding_rows")
+        if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+            raise ConversionError(f"embedding_rows must be a positive integer or null, got {rows!r}")
+        dropped = known.get("dropped_keys", [])
+        if not isinstance(dropped, list) or not all(isinstance(k, str) for k in dropped):
+            raise ConversionError(f"dropped_keys must be a list of strings, got {dropped!r}")
         return cls(**known)
 
 
@@ -165,16 +181,48 @@ def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+TRAINING_STATE_ROOTS = ("opt_state", "step", "collections")
+"""Roots of a Kauldron trainer checkpoint (`{'params', 'opt_state', 'step', 'collections'}`) besides `params`."""
+_BARE_ROOT_RE = re.compile(r"^(embedder|final_norm|layer_\d+)$")
+
+
+def training_state_roots(roots: Iterable[str]) -> list[str] | None:
+    """For the root keys of a checkpoint, the training-state roots to ignore when it is a trainer checkpoint.
+
+    Returns:
+        The sorted roots besides `params` (a subset of `TRAINING_STATE_ROOTS`, possibly empty) when `params` is a
+        root and every other root is training state; None otherwise.
+    """
+    roots = set(roots)
+    if "params" not in roots or not roots - {"params"} <= set(TRAINING_STATE_ROOTS):
+        return None
+    return sorted(roots - {"params"})
+
+
 def normalize_jax_keys(flat: Mapping[str, Any]) -> dict[str, Any]:
     """Brings the variants of the layout found in practice to the canonical keys listed in this module.
 
+    * a trainer checkpoint (root `params` beside `opt_state`, `step`, `collections`, as a Kauldron `TrainState`):
+      only the `params` subtree is kept, the training state is dropped (with a warning);
     * a leading `params/` (flax variables `{'params': ...}`) is removed;
+    * a tree without the `transformer` level (`{'embedder', 'layer_0', ..., 'final_norm'}`: the Flax
+      `model.init()['params']` structure, which `gm.ckpts.save_params` writes) gets the `transformer/` prefix;
     * `mlp/gating_einsum/w` and `mlp/linear/w` (the raw released checkpoints, before the gemma library's
       `param_remapper`) become `mlp/gating_einsum` and `mlp/linear`.
     """
+    roots = {key.split("/", 1)[0] for key in flat}
+    ignored = training_state_roots(roots)
+    if ignored:
+        logger.warning(
+            f"trainer checkpoint: converting its 'params' only; ignored {', '.join(ignored)} (training state)"
+        )
+        flat = {k: v for k, v in flat.items() if k.split("/", 1)[0] not in ignored}
+    stripped = {key: key.removeprefix("params/") for key in flat}
+    new_roots = {key.split("/", 1)[0] for key in stripped.values()}
+    bare = "transformer" not in new_roots and any(_BARE_ROOT_RE.match(root) for root in new_roots)
     out: dict[str, Any] = {}
     for key, value in flat.items():
-        new = key.removeprefix("params/")
+        new = ("transformer/" if bare else "") + stripped[key]
         for name in ("gating_einsum", "linear"):
             if new.endswith(f"/mlp/{name}/w"):
                 new = new[: -len("/w")]

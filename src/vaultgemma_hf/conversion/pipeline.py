@@ -28,6 +28,7 @@ from .io_hf import (
     parse_size,
     pickle_only_weights,
     read_hf,
+    read_hf_config,
     tokenizer_files_from,
     write_hf,
 )
@@ -152,6 +153,22 @@ def _check_hf_state(state: Mapping[str, torch.Tensor], config: Any) -> dict[str,
     return state
 
 
+def _check_options_against_config(
+    config: Any, verify: bool, verify_seq_len: int, to: str, jax_vocab_size: int | None
+) -> None:
+    """Refuses options that contradict the model's config, as soon as it is known (before merging or writing)."""
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if verify and max_positions is not None and verify_seq_len > max_positions:
+        raise ConversionError(
+            f"--verify-length {verify_seq_len} is longer than the model's max_position_embeddings = {max_positions}"
+        )
+    if to == "jax" and jax_vocab_size is not None and jax_vocab_size < config.vocab_size:
+        raise ConversionError(
+            f"--jax-vocab-size {jax_vocab_size} is smaller than vocab_size = {config.vocab_size} (the rows of the "
+            "HF embedding)"
+        )
+
+
 def _target_layout(
     config: Any,
     recorded: JaxLayout | None,
@@ -161,10 +178,13 @@ def _target_layout(
 ) -> JaxLayout:
     dims = Dims.from_config(config)
     default_attention = "fused" if dims.num_kv_heads == dims.num_heads else "split"
+    rows = jax_vocab_size
+    if rows is None:
+        rows = (recorded.embedding_rows if recorded else None) or dims.vocab_size
     return JaxLayout(
         attention=attention_layout or (recorded.attention if recorded else default_attention),
         gating=(gating_layout or (recorded.gating if recorded else "FD")).upper(),
-        embedding_rows=jax_vocab_size or (recorded.embedding_rows if recorded else None) or dims.vocab_size,
+        embedding_rows=rows,
     )
 
 
@@ -244,6 +264,10 @@ def convert(
         raise ConversionError("--jax-vocab-size, --jax-format and --attention-layout apply to JAX outputs only")
     if src_family == "hf" and (config is not None or drop_post_norms):
         raise ConversionError("--config and --drop-post-norms apply to JAX sources only (HF has config.json)")
+    if jax_vocab_size is not None and (isinstance(jax_vocab_size, bool) or int(jax_vocab_size) < 1):
+        raise ConversionError(f"--jax-vocab-size must be a positive number of rows, got {jax_vocab_size}")
+    if verify and (verify_prompts < 1 or verify_seq_len < 1):
+        raise ConversionError("--verify-prompts and --verify-length must be >= 1")
     override_values = parse_overrides(overrides)
     # Cheap checks first: a typo should not cost a 1B-parameter read.
     if Path(dst).exists() and not overwrite:
@@ -252,6 +276,9 @@ def convert(
     explicit_tokenizer = tokenizer_files_from(tokenizer) if tokenizer is not None else None
     if merge_adapter is not None:
         check_adapter_dir(merge_adapter)
+    if src_family == "hf":  # the config is known before the weights are read
+        early_config = _hf_config_with_overrides(read_hf_config(src), override_values)
+        _check_options_against_config(early_config, verify, verify_seq_len, to, jax_vocab_size)
     notes: list[str] = []
 
     # ---- read
@@ -263,6 +290,7 @@ def convert(
             {k: tuple(v.shape) for k, v in source_jax.items()}, base=config, overrides=override_values
         )
         model_config = make_config(values)
+        _check_options_against_config(model_config, verify, verify_seq_len, to, jax_vocab_size)
         result = jax_to_hf(source_jax, model_config, gating_layout=gating_layout, drop_post_norms=drop_post_norms)
         state, recorded_layout, padding_rows = result.state_dict, result.layout, result.padding_rows
         for key in recorded_layout.dropped_keys:
