@@ -263,6 +263,54 @@ def test_pld_precision_warning_marks_where_dp_accounting_is_noisy():
     assert "1.1e-10" in pld_precision_warning(1.1e-10, 100_000)
 
 
+# VaultGemma-scale sampling at the planner's default delta for N = 1.27e10: the float64 composition is wrong here.
+NOISY = dict(q=524_288 / 12_695_312_500, steps=100_582, delta=7.87692e-12)
+
+
+def test_extended_precision_composition_equals_dp_accounting_where_float64_is_reliable():
+    from vaultgemma_hf.dp import accounting
+
+    # (σ, q, T, δ, rel): far above the float64 floor both agree to 1e-6; at 10x the floor (last case) float64 is
+    # already off by ~2e-5 relative, the start of what goes wrong below it.
+    cases = (
+        (0.55, 0.002, 7_650, 1e-7, 1e-6),
+        (1.0, 0.01, 1_000, 1e-6, 1e-6),
+        (0.6234, NOISY["q"], NOISY["steps"], 1e-8, 1e-4),
+    )
+    for sigma, q, steps, delta, rel in cases:
+        event = poisson_event(sigma, q, steps)
+        float64 = pld_epsilon(event, delta, value_discretization_interval=1e-3)
+        with accounting._extended_precision_composition():
+            extended = pld_epsilon(event, delta, value_discretization_interval=1e-3)
+        assert extended == pytest.approx(float64, rel=rel), (sigma, q, steps, delta)
+
+
+def test_epsilon_is_smooth_where_the_float64_composition_is_not():
+    q, steps, delta = NOISY["q"], NOISY["steps"], NOISY["delta"]
+    sigmas = (0.621, 0.622, 0.623, 0.624)
+    float64 = [pld_epsilon(poisson_event(s, q, steps), delta, value_discretization_interval=1e-3) for s in sigmas]
+    assert max(float64) > 3.5  # dp_accounting's float64 composition: off by 2-4x, not monotone
+    ours = [compute_epsilon(s, q, steps, delta, pld_discretization=1e-3) for s in sigmas]
+    assert all(a > b for a, b in zip(ours, ours[1:])), ours
+    assert 2.0 < ours[-1] < ours[0] < 2.2  # 80-bit values: 2.143 .. 2.086
+    # calibration therefore never lands on a downward fluctuation: the row of the VaultGemma-scale plan that was
+    # certified at 1.995 (true 2.087) now gets a larger sigma
+    sigma = calibrate_noise(2.0, q, steps, delta, pld_discretization=1e-3).noise_multiplier
+    assert sigma > 0.627
+    assert compute_epsilon(sigma, q, steps, delta, pld_discretization=1e-3) <= 2.0
+
+
+def test_extended_precision_limits_are_refused(monkeypatch):
+    from vaultgemma_hf.dp import accounting
+
+    with pytest.raises(ValueError, match="even the 80-bit"):
+        compute_epsilon(0.6, NOISY["q"], 100_000, 1e-13)  # delta <= T x 1e-17
+    monkeypatch.setattr(accounting, "_extended_precision_available", lambda: False)
+    with pytest.raises(ValueError, match="accountant='rdp'"):
+        compute_epsilon(0.6, NOISY["q"], NOISY["steps"], NOISY["delta"], pld_discretization=1e-3)
+    compute_epsilon(0.6, NOISY["q"], 1_000, 1e-8, pld_discretization=1e-3)  # above the float64 floor: unaffected
+
+
 def test_calibration_with_rdp_truncated_and_shuffle():
     sigma = calibrate_noise_multiplier(1.5, 0.02, 300, 1e-5, accountant="rdp")
     assert_calibrated(sigma, lambda s: rdp_epsilon(poisson_event(s, 0.02, 300), 1e-5), 1.5)

@@ -509,15 +509,31 @@ def test_empty_poisson_batch_still_steps_with_noise(tmp_path, tiny_kwargs):
         assert pn.grad.abs().max() > 0
 
 
+def test_extended_precision_epsilon_is_disclosed_in_the_card(tmp_path, tiny_kwargs):
+    # δ = 1e-13 over 10 steps is at the float64 floor (T x 1e-14): ε comes from the 80-bit composition; dp_accounting's
+    # float64 value is itself off by ~1e-4 relative there, hence the tolerance. The card says how ε was computed.
+    args = args_for(tmp_path, noise_multiplier=2.0, target_delta=1e-13, logical_batch_size=2, max_steps=10)
+    dataset = make_dataset()
+    trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=dataset)
+    trainer.train()
+    trainer.save_model()
+    q = args.logical_batch_size / len(dataset)
+    assert trainer.get_epsilon() == pytest.approx(poisson_pld_epsilon(2.0, q, 10, delta=1e-13), rel=1e-3)
+    card = open(os.path.join(args.output_dir, "README.md"), encoding="utf-8").read()
+    assert "computed in 80-bit extended precision" in " ".join(card.split())
+
+
 def test_delta_below_the_pld_precision_is_warned(tmp_path, tiny_kwargs, caplog):
-    # δ <= T x 1e-14: dp_accounting's PLD ε is numerically noisy there (test_accounting shows it); say so.
+    # δ <= T x 1e-14: dp_accounting's float64 PLD ε is unreliable there (test_accounting shows it): the trainer says
+    # so, and its ε comes from the 80-bit composition (equal to the ε dp_accounting would give with exact arithmetic).
     for delta, warned in ((1e-12, True), (1e-9, False)):
         args = args_for(tmp_path, noise_multiplier=2.0, target_delta=delta, logical_batch_size=2, max_steps=200)
         trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=make_dataset())
         caplog.clear()
         with caplog.at_level("WARNING"):
             trainer.setup_privacy()
-        assert ("below the numerical precision of dp_accounting's PLD" in caplog.text) is warned, caplog.text
+        assert ("precision of dp_accounting's float64 PLD" in caplog.text) is warned, caplog.text
+        assert ("80-bit extended precision" in caplog.text) is warned
 
 
 def test_non_private_control_is_labelled(tmp_path, tiny_kwargs):

@@ -6,6 +6,7 @@ dataset counts against the trainer's packing code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import transformers
 from dp_accounting import pld
 
 from vaultgemma_hf.cli.main import main
+from vaultgemma_hf.dp import accounting
 from vaultgemma_hf.planning import (
     DEFAULT_THROUGHPUT,
     VAULTGEMMA_1B_PARAMETERS,
@@ -51,13 +53,16 @@ JSON_FIELDS = (
 
 
 def pld_epsilon(sigma: float, q: float, steps: int, delta: float, discretization: float = 1e-4) -> float:
+    """dp_accounting's PLD ε; below its float64 floor (δ <= T x 1e-14) with the 80-bit composition, which
+    tests/test_accounting.py checks against dp_accounting's float64 result where that one is reliable."""
     accountant = pld.PLDAccountant(value_discretization_interval=discretization)
-    accountant.compose(
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
-        )
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
     )
-    return accountant.get_epsilon(delta)
+    precise = accounting._extended_precision_composition() if delta <= steps * 1e-14 else contextlib.nullcontext()
+    with precise:
+        accountant.compose(event)
+        return accountant.get_epsilon(delta)
 
 
 def assert_row_calibrated(row, target: float, tolerance: float = 0.01) -> None:
@@ -223,14 +228,15 @@ def test_rows_unstable_at_the_plan_precision_are_refined_to_the_trainers():
 
 
 def test_delta_below_the_pld_precision_is_warned():
-    # δ <= T x 1e-14 (here 5e-13 with T = 80): dp_accounting's ε is numerically noisy there; the plan says so.
+    # δ <= T x 1e-14 (here 5e-13 with T = 80): dp_accounting's float64 ε is unreliable there; the plan says so
+    # (and composes in 80-bit precision).
     plan = plan_budget(**SMALL, target_delta=5e-13, tokens=SMALL_BUDGET, batch_sizes=[2048], steps=[80], workers=1)
-    assert any("numerical precision of dp_accounting's PLD" in w for w in plan.warnings)
+    assert any("precision of dp_accounting's float64 PLD" in w for w in plan.warnings)
     for row in plan.rows:  # there the plan reports the trainer's ε (checked or refined at 1e-4)
         assert row.pld_discretization == 1e-4
         assert_row_calibrated(row, plan.target_epsilon)
     assert not any(
-        "numerical precision" in w
+        "float64 PLD" in w
         for w in plan_budget(**SMALL, tokens=SMALL_BUDGET, batch_sizes=[2048], steps=[80], workers=1).warnings
     )
 

@@ -19,11 +19,13 @@ stateful per-run :class:`PrivacyAccountant`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import numbers
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import PackageNotFoundError, version
 
 import dp_accounting
@@ -319,6 +321,11 @@ def _epsilon(
     event = _event(noise_multiplier, steps, spec)
     if accountant == "pld":
         acc = pld.PLDAccountant(value_discretization_interval=pld_discretization)
+        if delta <= steps * PLD_NOISE_FLOOR_PER_STEP:  # float64 composition too imprecise for this δ
+            _check_extended_precision(delta, steps)
+            with _extended_precision_composition():
+                acc.compose(event)
+                return float(acc.get_epsilon(delta))
     else:
         if spec.scheme == "truncated_poisson":
             raise ValueError(
@@ -373,26 +380,88 @@ def compute_epsilon(
 
 
 PLD_NOISE_FLOOR_PER_STEP = 1e-14
-"""δ at or below ``steps ×`` this is where dp_accounting's PLD ε becomes numerically noisy (see below)."""
+"""δ at or below ``steps ×`` this is where dp_accounting's float64 PLD ε becomes numerically unreliable."""
+
+PLD_EXTENDED_FLOOR_PER_STEP = 1e-17
+"""The same floor for the extended-precision (80-bit) composition used below ``PLD_NOISE_FLOOR_PER_STEP``."""
+
+_EXTENDED_LOCK = threading.Lock()
 
 
 def pld_precision_warning(delta: float, steps: int) -> str | None:
-    """A warning when ε at this (δ, T) is below the numerical precision of dp_accounting's PLD, else None.
+    """A note when ε at this (δ, T) is beyond the precision of dp_accounting's float64 PLD composition, else None.
 
     dp_accounting composes T steps as one FFT raised to the power T, so the composed PMF carries absolute errors of
     about T × 1e-16 (float64 round-off amplified T times). ε is read off where the PMF's tail mass is δ, so once
-    that error reaches ~1% of δ (δ <= T × 1e-14) ε jitters between nearby σ: measured at δ = 1.1e-10 it moves by
-    1-3% for σ changes of 0.25% at T ≈ 1e5, by up to 4x at T ≈ 8e5, and is smooth at δ = 1e-8 (see
-    docs/source/en/planning.md). The mechanism is not at fault; the bound's precision is.
+    that error reaches ~1% of δ (δ <= T × 1e-14) the float64 ε is wrong, in both directions: measured at
+    q = 4.1e-5, T = 100,582, δ = 7.9e-12 it is 1.98 / 2.04 / 2.05 / 6.83 for σ = 0.621 / 0.622 / 0.623 / 0.624,
+    where an 80-bit computation gives 2.132 / 2.113 / 2.094 / 2.075 (see docs/source/en/planning.md). Below that
+    line `compute_epsilon` (and so calibration, the planner and the trainer) compose in 80-bit precision instead,
+    which holds down to δ = T × 1e-17, and refuse beyond it.
     """
     if steps >= 1 and delta <= steps * PLD_NOISE_FLOOR_PER_STEP:
         return (
-            f"delta={delta:g} over {steps:,} steps is below the numerical precision of dp_accounting's PLD "
-            f"(delta <= T x {PLD_NOISE_FLOOR_PER_STEP:g}): its epsilon there moves by a few percent between nearby "
-            "noise multipliers, so treat the reported epsilon as accurate to a few percent, or use a larger delta "
-            "or fewer steps."
+            f"delta={delta:g} over {steps:,} steps is below the precision of dp_accounting's float64 PLD "
+            f"composition (delta <= T x {PLD_NOISE_FLOOR_PER_STEP:g}), which gets epsilon wrong there in either "
+            "direction; epsilon is composed in 80-bit extended precision instead (exact to the PLD's own "
+            "discretisation, about 1.5-2x slower)."
         )
     return None
+
+
+def _extended_precision_available() -> bool:
+    """True where numpy's long double has 64-bit mantissas and dp_accounting composes through `self_convolve`."""
+    import numpy as np
+    from dp_accounting.pld import common
+
+    return np.finfo(np.longdouble).eps <= 1.1e-19 and callable(getattr(common, "self_convolve", None))
+
+
+def _check_extended_precision(delta: float, steps: int) -> None:
+    if not _extended_precision_available():
+        raise ValueError(
+            f"delta={delta:g} over {steps:,} steps is below the precision of dp_accounting's float64 PLD "
+            f"composition (delta <= T x {PLD_NOISE_FLOOR_PER_STEP:g}), and 80-bit extended precision is not "
+            "available on this platform (numpy long double is float64 here), so no reliable PLD epsilon can be "
+            "given. Use a larger delta, fewer steps, or accountant='rdp' (a valid, looser bound)."
+        )
+    if delta <= steps * PLD_EXTENDED_FLOOR_PER_STEP:
+        raise ValueError(
+            f"delta={delta:g} over {steps:,} steps is below the precision of even the 80-bit PLD composition "
+            f"(delta <= T x {PLD_EXTENDED_FLOOR_PER_STEP:g}); no reliable PLD epsilon can be given. Use a larger "
+            "delta, fewer steps, or accountant='rdp' (a valid, looser bound)."
+        )
+
+
+@contextlib.contextmanager
+def _extended_precision_composition() -> Iterator[None]:
+    """Makes dp_accounting's PLD self-composition run its FFT in 80-bit long double (scipy.fft), then restores it.
+
+    dp_accounting raises the FFT of the one-step PMF to the power T in float64 (`pld.common.self_convolve`); the
+    replacement does the same arithmetic, with the same truncation bounds, in long double, and returns float64
+    probabilities. A lock keeps concurrent threads from seeing the swap half-done.
+    """
+    import numpy as np
+    import scipy.fft
+    from dp_accounting.pld import common
+
+    original = common.self_convolve
+
+    def self_convolve(input_list, num_times, tail_mass_truncation=0):
+        lower, upper = common.compute_self_convolve_bounds(input_list, num_times, tail_mass_truncation)
+        output_len = upper - lower + 1
+        fast_len = scipy.fft.next_fast_len(max(output_len, len(input_list)))
+        padded = np.zeros(fast_len, dtype=np.longdouble)
+        padded[: len(input_list)] = np.asarray(input_list, dtype=np.longdouble)
+        composed = np.real(scipy.fft.ifft(scipy.fft.fft(padded) ** num_times))
+        return lower, np.roll(composed, -lower)[:output_len].astype(np.float64)
+
+    with _EXTENDED_LOCK:
+        common.self_convolve = self_convolve
+        try:
+            yield
+        finally:
+            common.self_convolve = original
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,17 @@ def render_model_card(summary: DPTrainingSummary) -> str:
             per_epoch=steps_per_epoch(summary.dataset_size, summary.logical_batch_size, "shuffle"),
             epochs=shuffle_epochs(summary.steps, summary.dataset_size, summary.logical_batch_size),
         )
+    from vaultgemma_hf.dp.accounting import pld_precision_warning
+
+    if (
+        summary.accountant == "pld"
+        and summary.noise_multiplier > 0
+        and pld_precision_warning(summary.delta, summary.steps)
+    ):
+        accounting += (
+            f" At δ ≤ T × 1e-14 dp_accounting's float64 PLD composition is numerically unreliable, so the {summary.steps}"
+            "-fold composition was computed in 80-bit extended precision."
+        )
     frozen_list = ""
     if summary.frozen_parameter_names:
         shown = summary.frozen_parameter_names[:64]
