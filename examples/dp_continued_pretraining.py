@@ -38,7 +38,9 @@ def main() -> None:
     parser.add_argument("--train-file", default=default_corpus, help="one document per line")
     parser.add_argument("--output-dir", default="outputs/dp-continued-pretraining")
     parser.add_argument("--target-epsilon", type=float, default=8.0)
-    parser.add_argument("--target-delta", type=float, default=None, help="default: N**-1.1")
+    parser.add_argument(
+        "--target-delta", type=float, default=None, help="default: min(1e-5, 1/(10 N)), as the planner"
+    )
     parser.add_argument("--clip", type=float, default=1.0, help="per-sequence clipping norm C")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--logical-batch-size", type=int, default=16)

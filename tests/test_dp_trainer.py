@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 from vaultgemma_hf.data.packing import DataCollatorForPackedSequences, PackedDataset, pack_documents
 from vaultgemma_hf.dp.engine import DPGradientEngine
 from vaultgemma_hf.dp.sampling import PAD_INDEX, DPBatchSampler, fresh_generator
+from vaultgemma_hf.planning import default_delta as planning_default_delta
 from vaultgemma_hf.trainer import DP_STATE_NAME, DPTrainer, DPTrainingArguments
 from vaultgemma_hf.trainer.dp_trainer import deterministic_seeds
 
@@ -147,7 +148,8 @@ def test_every_dp_argument_has_help_text():
 def test_default_target_delta_and_large_delta_warning(tmp_path, tiny_kwargs, caplog):
     dataset = make_dataset()
     n = len(dataset)
-    for delta, expected, warned in ((None, n**-1.1, False), (1.0 / n, 1.0 / n, True), (0.5, 0.5, True)):
+    default = min(1e-5, 1 / (10 * n))  # the planner's default too (one definition, checked below)
+    for delta, expected, warned in ((None, default, False), (1.0 / n, 1.0 / n, True), (0.5, 0.5, True)):
         args = args_for(tmp_path, noise_multiplier=2.0, target_delta=delta, logical_batch_size=2, max_steps=3)
         assert args.target_delta == delta
         trainer = DPTrainer(model=make_model("transformers", tiny_kwargs), args=args, train_dataset=dataset)
@@ -156,7 +158,8 @@ def test_default_target_delta_and_large_delta_warning(tmp_path, tiny_kwargs, cap
             trainer.setup_privacy()
         assert trainer.target_delta == pytest.approx(expected, rel=1e-12)
         if delta is None:
-            assert trainer.target_delta < 1.0 / n  # the default N**-1.1 is always below 1/N
+            assert trainer.target_delta < 1.0 / n
+            assert trainer.target_delta == planning_default_delta(n)  # a plan made without --delta uses the same δ
         assert (f"is >= 1/N = {1.0 / n:g}" in caplog.text) is warned, caplog.text
         trainer.privacy_accountant.step(3)
         assert trainer.get_epsilon() == pytest.approx(poisson_pld_epsilon(2.0, 2 / n, 3, expected), rel=1e-9)

@@ -379,6 +379,15 @@ def compute_epsilon(
     return _epsilon(noise_multiplier, steps, delta, spec, accountant, pld_discretization)
 
 
+def default_delta(dataset_size: int) -> float:
+    """The δ used when none is given (planner and trainer alike): ``min(1e-5, 1 / (10 N))`` for N privacy units.
+
+    Safely below 1/N: at δ >= 1/N a mechanism that publishes one random record in full is (0, δ)-DP.
+    """
+    dataset_size = _as_int(dataset_size, "dataset_size", minimum=1)
+    return min(1e-5, 1.0 / (10.0 * dataset_size))
+
+
 PLD_NOISE_FLOOR_PER_STEP = 1e-14
 """δ at or below ``steps ×`` this is where dp_accounting's float64 PLD ε becomes numerically unreliable."""
 

@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+from vaultgemma_hf.dp.accounting import default_delta  # noqa: F401  (one default for planner and trainer)
 from vaultgemma_hf.planning.model_size import VAULTGEMMA_1B_PARAMETERS
 
 FLOPS_PER_PARAMETER_TOKEN = 6
@@ -35,11 +36,6 @@ DEFAULT_BUDGET_FRACTIONS = (1.0, 0.5, 0.25, 0.125)
 def training_flops(num_parameters: int, logical_batch_size: int, seq_len: int, steps: int) -> float:
     """C ≈ 6 · M · B · S · T."""
     return float(FLOPS_PER_PARAMETER_TOKEN) * num_parameters * logical_batch_size * seq_len * steps
-
-
-def default_delta(dataset_size: int) -> float:
-    """Default δ: ``min(1e-5, 1 / (10 N))``, safely below 1/N (δ >= 1/N allows leaking one record outright)."""
-    return min(1e-5, 1.0 / (10.0 * dataset_size))
 
 
 def default_throughput(num_parameters: int) -> float:

@@ -79,8 +79,8 @@ class DPTrainingArguments(TrainingArguments):
     target_delta: float | None = field(
         default=None,
         metadata={
-            "help": "delta of the (epsilon, delta) guarantee. Default: N**-1.1 for a training set of N privacy units "
-            "(always < 1/N); a value >= 1/N is allowed but warned about."
+            "help": "delta of the (epsilon, delta) guarantee. Default: min(1e-5, 1/(10 N)) for a training set of N "
+            "privacy units, as in `vaultgemma-hf plan` (always < 1/N); a value >= 1/N is allowed but warned about."
         },
     )
     logical_batch_size: int | None = field(
@@ -341,12 +341,14 @@ class DPTrainingArguments(TrainingArguments):
         return int(math.ceil(self.num_train_epochs * per_epoch))
 
     def default_target_delta(self, dataset_size: int) -> float:
-        """`target_delta` if given, else N**-1.1 (strictly below 1/N for N >= 2)."""
+        """`target_delta` if given, else the planner's default, min(1e-5, 1 / (10 N)) (always below 1/N)."""
         if self.target_delta is not None:
             return float(self.target_delta)
         if dataset_size < 2:
             raise ValueError("A training set of fewer than 2 privacy units cannot get a meaningful default delta.")
-        return float(dataset_size) ** -1.1
+        from vaultgemma_hf.dp.accounting import default_delta
+
+        return default_delta(dataset_size)
 
 
 def _same(a: Any, b: Any) -> bool:
