@@ -49,8 +49,12 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, impl: str, device: torch.device, seq_len: int) -> torch.nn.Module:
+def build_model(
+    shape: str, impl: str, device: torch.device, seq_len: int, layers: int | None = None
+) -> torch.nn.Module:
     kwargs = dict(SHAPES[shape])
+    if layers is not None:  # e.g. the real 1B widths and vocabulary with fewer blocks, to fit a CPU run
+        kwargs["num_hidden_layers"] = layers
     kwargs.update(
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -212,7 +216,7 @@ def _release_freed_memory_at_once() -> None:
 def run_mode(mode: str, case: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     base_rss = _RssSampler.rss()
-    model = build_model(args.shape, args.model, device, args.seq_len)
+    model = build_model(args.shape, args.model, device, args.seq_len, args.layers)
     if case == "frozen":
         freeze_embeddings_and_norms(model)
     g = torch.Generator().manual_seed(1)
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["transformers", "vaultgemma_hf"], default="transformers")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=None, help="override the shape's number of decoder blocks")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="bf16 = fp32 weights + autocast")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -325,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
-        f"\n{device_name}, torch {torch.__version__}, shape={args.shape}, batch={args.batch}, "
+        f"\n{device_name}, torch {torch.__version__}, shape={args.shape}"
+        f"{'' if args.layers is None else f' with {args.layers} layers'}, batch={args.batch}, "
         f"seq_len={args.seq_len}, dtype={args.dtype}, {args.clock} clock, median of {args.repeats} after "
         f"{args.warmup} warm-up"
     )
