@@ -19,6 +19,7 @@ Pure CPU work (accounting); there is no `--device`. Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import subprocess
@@ -32,7 +33,12 @@ from dp_accounting import mechanism_calibration, pld
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 
-from vaultgemma_hf.dp.accounting import DEFAULT_PLD_DISCRETIZATION, dp_accounting_version  # noqa: E402
+from vaultgemma_hf.dp.accounting import (  # noqa: E402
+    DEFAULT_PLD_DISCRETIZATION,
+    PLD_NOISE_FLOOR_PER_STEP,
+    _extended_precision_composition,
+    dp_accounting_version,
+)
 from vaultgemma_hf.planning import plan_budget  # noqa: E402
 
 SCENARIOS = {
@@ -56,24 +62,34 @@ def reference_sigma(target: float, q: float, steps: int, delta: float, guess: fl
             dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
         )
 
-    return mechanism_calibration.calibrate_dp_mechanism(
-        pld.PLDAccountant,
-        event,
-        target,
-        delta,
-        mechanism_calibration.LowerEndpointAndGuess(lower_endpoint=0.1, initial_guess=guess * 1.05),
-        tol=guess * 1e-5,
-    )
+    with _precise_enough(steps, delta):
+        return mechanism_calibration.calibrate_dp_mechanism(
+            pld.PLDAccountant,
+            event,
+            target,
+            delta,
+            mechanism_calibration.LowerEndpointAndGuess(lower_endpoint=0.1, initial_guess=guess * 1.05),
+            tol=guess * 1e-5,
+        )
+
+
+def _precise_enough(steps: int, delta: float):
+    """Below dp_accounting's float64 floor (δ <= T x 1e-14) its composition is wrong in either direction, so the
+    reference composes in 80-bit precision there too (dp_accounting's own algorithm; see dp/accounting.py)."""
+    if delta <= steps * PLD_NOISE_FLOOR_PER_STEP:
+        return _extended_precision_composition()
+    return contextlib.nullcontext()
 
 
 def pld_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
     accountant = pld.PLDAccountant()
-    accountant.compose(
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+    with _precise_enough(steps, delta):
+        accountant.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+            )
         )
-    )
-    return accountant.get_epsilon(delta)
+        return accountant.get_epsilon(delta)
 
 
 def check_row(args: tuple) -> dict:
