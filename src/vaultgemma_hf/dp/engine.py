@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -58,8 +58,14 @@ class _AttachToGraph(torch.autograd.Function):
         return None, grad
 
 
-def _name_list(params: list[nn.Parameter], names: dict[int, str], limit: int = 20) -> str:
-    listed = ", ".join(names.get(id(p), "<unnamed>") for p in params[:limit])
+def _name_list(
+    params: list[nn.Parameter],
+    names: dict[int, str],
+    limit: int = 20,
+    describe: Callable[[nn.Parameter], str] | None = None,
+) -> str:
+    """The first `limit` parameters' names (each followed by `describe(p)` when given), and how many there are."""
+    listed = ", ".join(names.get(id(p), "<unnamed>") + (describe(p) if describe else "") for p in params[:limit])
     return listed + (f" ... ({len(params)} in all)" if len(params) > limit else "")
 
 
@@ -302,10 +308,7 @@ class DPGradientEngine:
         stray = [p for p in self.model.parameters() if p.grad is not None and id(p) not in self._params]
         if not stray:
             return
-        names = self._parameter_names()
-        listed = ", ".join(
-            f"{names.get(id(p), '<unnamed>')} (requires_grad={p.requires_grad})" for p in stray[:20]
-        ) + (f" ... ({len(stray)} in all)" if len(stray) > 20 else "")
+        listed = _name_list(stray, self._parameter_names(), describe=lambda p: f" (requires_grad={p.requires_grad})")
         raise RuntimeError(
             f"Parameter(s) not managed by the DPGradientEngine hold a gradient: {listed}. An optimizer step would "
             "apply it without per-sample clipping or noise, breaking the DP guarantee. It was computed outside the "

@@ -10,6 +10,7 @@ Quick use::
     config = load_plan("plan.json")  # the recommended row, as DPTrainingArguments(--plan) reads it
 """
 
+from vaultgemma_hf.dp.accounting import default_delta  # one default for planner and trainer
 from vaultgemma_hf.planning.budget import (
     ANCHOR_STEP_SECONDS,
     ANCHOR_STEP_TOKENS,
@@ -17,7 +18,6 @@ from vaultgemma_hf.planning.budget import (
     DEFAULT_THROUGHPUT,
     GridPoint,
     build_grid,
-    default_delta,
     default_throughput,
     flops_budget,
     pareto_frontier,

@@ -12,7 +12,6 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-from vaultgemma_hf.dp.accounting import default_delta  # noqa: F401  (one default for planner and trainer)
 from vaultgemma_hf.planning.model_size import VAULTGEMMA_1B_PARAMETERS
 
 FLOPS_PER_PARAMETER_TOKEN = 6

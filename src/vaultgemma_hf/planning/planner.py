@@ -36,6 +36,7 @@ from vaultgemma_hf.dp.accounting import (
     approximate_noise_multiplier,
     calibrate_noise,
     compute_epsilon,
+    default_delta,
     dp_accounting_version,
     pld_precision_warning,
 )
@@ -439,14 +440,14 @@ def plan_budget(
     if throughput is not None and not (isinstance(throughput, (int, float)) and 0 < throughput < math.inf):
         raise ValueError(f"throughput must be a positive number of tokens/s, got {throughput!r}.")
     if target_delta is None:
-        target_delta = _budget.default_delta(dataset_size)
+        target_delta = default_delta(dataset_size)
     elif not (isinstance(target_delta, (int, float)) and 0 < target_delta < 1):
         raise ValueError(f"delta must be in (0, 1), got {target_delta!r}.")
     elif target_delta >= 1.0 / dataset_size:
         warnings_.append(
             f"delta={target_delta:g} is not below 1/N = {1.0 / dataset_size:.3g}: a mechanism that publishes one "
             f"random training sequence in full satisfies it. Use delta < 1/N, e.g. "
-            f"{_budget.default_delta(dataset_size):.3g}."
+            f"{default_delta(dataset_size):.3g}."
         )
 
     budget_flops, budget_text = _budget.flops_budget(

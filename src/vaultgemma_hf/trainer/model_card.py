@@ -140,25 +140,19 @@ def render_model_card(summary: DPTrainingSummary) -> str:
             f"The released weights satisfy **(ε = {_fmt(summary.epsilon)}, δ = {_fmt(summary.delta, 3)})-differential "
             f"privacy** with respect to {relation}, after {summary.steps} steps.{caveat}"
         )
+    from vaultgemma_hf.dp.accounting import PLD_NOISE_FLOOR_PER_STEP, pld_precision_warning, shuffle_epochs
+    from vaultgemma_hf.dp.sampling import steps_per_epoch
+
     accounting = _ACCOUNTING_TEXT[summary.sampling]
     if summary.sampling == "shuffle":
-        from vaultgemma_hf.dp.accounting import shuffle_epochs
-        from vaultgemma_hf.dp.sampling import steps_per_epoch
-
         accounting = accounting.format(
             per_epoch=steps_per_epoch(summary.dataset_size, summary.logical_batch_size, "shuffle"),
             epochs=shuffle_epochs(summary.steps, summary.dataset_size, summary.logical_batch_size),
         )
-    from vaultgemma_hf.dp.accounting import pld_precision_warning
-
-    if (
-        summary.accountant == "pld"
-        and summary.noise_multiplier > 0
-        and pld_precision_warning(summary.delta, summary.steps)
-    ):
+    if summary.accountant == "pld" and not summary.non_private and pld_precision_warning(summary.delta, summary.steps):
         accounting += (
-            f" At δ ≤ T × 1e-14 dp_accounting's float64 PLD composition is numerically unreliable, so the {summary.steps}"
-            "-fold composition was computed in 80-bit extended precision."
+            f" At δ ≤ T × {PLD_NOISE_FLOOR_PER_STEP:g} dp_accounting's float64 PLD composition is numerically "
+            f"unreliable, so the {summary.steps}-fold composition was computed in 80-bit extended precision."
         )
     frozen_list = ""
     if summary.frozen_parameter_names:
