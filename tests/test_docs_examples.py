@@ -1,4 +1,4 @@
-"""The docs' runnable examples run: every python block of the quickstart, and the README's offline example."""
+"""The docs' runnable examples run: every python block of the quickstart and the privacy audit page, and the README's offline example."""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def blocks(path: Path) -> list[str]:
 
 
 EXAMPLES = [(f"quickstart-{i}", code) for i, code in enumerate(blocks(ROOT / "docs/source/en/quickstart.md"), 1)]
+EXAMPLES += [
+    (f"privacy_audit-{i}", code) for i, code in enumerate(blocks(ROOT / "docs/source/en/privacy_audit.md"), 1)
+]
 EXAMPLES += [(f"README-{i}", code) for i, code in enumerate(blocks(ROOT / "README.md"), 1) if "TINY_MODEL_DIR" in code]
 
 

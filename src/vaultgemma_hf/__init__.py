@@ -57,6 +57,9 @@ _LAZY = {
     "merge_lora": "vaultgemma_hf.conversion",
     "ConversionError": "vaultgemma_hf.conversion",
     "CompiledGreedyDecoder": "vaultgemma_hf.generation",
+    "make_canaries": "vaultgemma_hf.privacy_eval",
+    "append_canaries": "vaultgemma_hf.privacy_eval",
+    "run_privacy_audit": "vaultgemma_hf.privacy_eval",
 }
 
 __all__ = [
@@ -75,11 +78,14 @@ __all__ = [
     "PackedDataset",
     "PrivacyAccountant",
     "UnsupportedModuleError",
+    "append_canaries",
     "calibrate_noise_multiplier",
     "compute_epsilon",
     "convert_checkpoint",
+    "make_canaries",
     "merge_lora",
     "pack_documents",
+    "run_privacy_audit",
 ]
 
 
@@ -100,4 +106,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import AUTO_CLASSES_RESOLVE_TO
     from .models.auto import register_auto_classes
     from .models.vaultgemma import VaultGemmaConfig, VaultGemmaForCausalLM, VaultGemmaModel, VaultGemmaPreTrainedModel
+    from .privacy_eval import append_canaries, make_canaries, run_privacy_audit
     from .trainer import DPTrainer, DPTrainingArguments

@@ -1,8 +1,10 @@
-"""Small helpers shared by the sub-commands: the usage error and atomic text output."""
+"""Small helpers shared by the sub-commands: the usage error, number flags and atomic text output."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -13,6 +15,28 @@ from typing import TextIO
 
 class UsageError(ValueError):
     """A user mistake: printed without a traceback, exit code 2."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type: parses '1000000', '1_000_000' or '1e6' (must be a whole number >= 1)."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 1 and value == int(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(value)
+
+
+def positive_float(text: str) -> float:
+    """Parses a finite number > 0 (underscores allowed)."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 @contextlib.contextmanager

@@ -16,6 +16,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("vaultgemma_hf.cli.run", "Run a pipeline (text-generation) on prompts from stdin or a file."),
     "train": ("vaultgemma_hf.cli.train", "DP-SGD continued pretraining with DPTrainer."),
     "plan": ("vaultgemma_hf.cli.plan", "Plan a DP training budget (privacy x compute x utility)."),
+    "audit": (
+        "vaultgemma_hf.cli.audit",
+        "Empirical privacy audit: canaries, membership inference, extraction, one-run ε lower bound.",
+    ),
     "convert": ("vaultgemma_hf.cli.convert", "Convert weights between the JAX/Flax gemma layout and HF safetensors."),
     "env": ("vaultgemma_hf.cli.env", "Print versions of the packages vaultgemma-hf depends on."),
 }

@@ -10,32 +10,12 @@ tokens, FLOPs (C ≈ 6·M·B·S·T) and GPU-hours, the frontier and a recommende
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
+from vaultgemma_hf.cli._io import positive_float as _positive_float
+from vaultgemma_hf.cli._io import positive_int as _positive_int
 from vaultgemma_hf.planning.budget import ANCHOR_STEP_SECONDS, ANCHOR_STEP_TOKENS, DEFAULT_MIN_STEPS
-
-
-def _positive_int(text: str) -> int:
-    """Parses '1000000', '1_000_000' or '1e6' (must be a whole number >= 1)."""
-    try:
-        value = float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if not (math.isfinite(value) and value >= 1 and value == int(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(value)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _int_list(text: str) -> list[int]:

@@ -47,6 +47,13 @@ class TrainDataArguments:
     cross_document_boundaries: bool = field(
         default=True, metadata={"help": "Let a packed sequence span several documents (EOS-separated)."}
     )
+    canary_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Audit canaries from `vaultgemma-hf audit canaries`: the included ones are added to the training "
+            "data, each as a whole sequence of its own (one privacy unit); audit the result with `vaultgemma-hf audit run`."
+        },
+    )
     freeze: list[str] | None = field(
         default=None,
         metadata={"help": "Glob patterns of parameter names to freeze, e.g. 'model.embed_tokens.*' '*norm*'."},
@@ -154,6 +161,16 @@ def _train(data_args: TrainDataArguments, training_args: DPTrainingArguments) ->
         )
 
     train_dataset = load(data_args.train_file)
+    if data_args.canary_file:
+        from vaultgemma_hf.privacy_eval.canaries import append_canaries, check_canaries_fit, load_canaries
+
+        canary_set = load_canaries(data_args.canary_file)
+        check_canaries_fit(canary_set, model.config.vocab_size)
+        before = len(train_dataset)
+        train_dataset = append_canaries(train_dataset, canary_set, pad_token_id=tokenizer.pad_token_id or 0)
+        print(
+            f"Added {len(train_dataset) - before} of {len(canary_set.canaries)} audit canaries as training sequences."
+        )
     eval_dataset = load(data_args.eval_file) if data_args.eval_file else None
     trainer = DPTrainer(
         model=model,

@@ -1,0 +1,245 @@
+"""The privacy audit of a trained model: canaries, membership inference, exposure, extraction, ε lower bound.
+
+[`run_privacy_audit`] measures, on a model trained with audit canaries (see [`make_canaries`] and
+[`append_canaries`]):
+
+1. **Membership inference on the canaries** — score each canary (log-likelihood ratio against the base model
+   when one is given, else the plain log-likelihood), then ROC AUC and TPR at low FPR between included and
+   held-out canaries.
+2. **One-run ε lower bound** (Steinke, Nasr & Jagielski 2023) from the same scores: guess the top-k canaries
+   as members and the bottom-k as non-members; at significance α, any ε below the bound is refuted. If the
+   bound exceeds the ε the trainer claims, the training did **not** deliver its guarantee (a bug, or a setting
+   that breaks it): the report says ``"violation"``. Several k are allowed and Bonferroni-corrected.
+3. **Exposure** (Carlini et al. 2019) of each included canary against held-out and fresh reference canaries.
+4. Optionally, **membership inference on the training data** (training vs held-out sequences) and the model
+   card's **verbatim extraction test** (50-token prefix → 50-token suffix) on both.
+
+A bound below the claim does not prove the claim (audits are lower bounds); a bound above it disproves it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaultgemma_hf.privacy_eval.canaries import CanarySet
+from vaultgemma_hf.privacy_eval.extraction import extraction_test
+from vaultgemma_hf.privacy_eval.scoring import sequence_log_perplexity
+from vaultgemma_hf.privacy_eval.stats import exposure, one_run_audit, roc_auc, tpr_at_fpr
+
+__all__ = ["AuditReport", "membership_scores", "run_privacy_audit"]
+
+FPR_LEVELS = (0.1, 0.01, 0.001)
+NO_MEMORISATION_EXPOSURE = 1.0 / math.log(2.0)  # E[-log2 U] for a uniform rank: ~1.44 bits
+
+
+@dataclass
+class AuditReport:
+    """Everything [`run_privacy_audit`] measured (JSON-ready with [`AuditReport.to_json`])."""
+
+    verdict: str
+    verdict_text: str
+    claimed_epsilon: float | None
+    delta: float
+    significance: float
+    score: str
+    canaries: dict[str, Any]
+    training_data: dict[str, Any] | None = None
+    extraction: dict[str, Any] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (infinite ε written as the string ``"inf"``)."""
+        data = asdict(self)
+        if data["claimed_epsilon"] is not None and math.isinf(data["claimed_epsilon"]):
+            data["claimed_epsilon"] = "inf"
+        return data
+
+    def to_json(self) -> str:
+        """Indented JSON."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+
+def membership_scores(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    reference_model: torch.nn.Module | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Membership score of each sequence: higher means "more likely trained on".
+
+    With a reference model (the base model before continued training) the score is the log-likelihood ratio
+    ``logppl_reference - logppl_model`` (how much training lowered the sequence's loss), which removes how
+    predictable the sequence is anyway; without one it is ``-logppl_model``.
+    """
+    scores = -sequence_log_perplexity(model, sequences, batch_size=batch_size)
+    if reference_model is not None:
+        scores += sequence_log_perplexity(reference_model, sequences, batch_size=batch_size)
+    return scores
+
+
+def _mia_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> dict[str, Any]:
+    return {
+        "num_members": int(member_scores.size),
+        "num_nonmembers": int(nonmember_scores.size),
+        "auc": roc_auc(member_scores, nonmember_scores),
+        "tpr_at_fpr": {f"{level:g}": tpr_at_fpr(member_scores, nonmember_scores, level) for level in FPR_LEVELS},
+    }
+
+
+def _verdict(
+    epsilon_lower_bound: float, claimed_epsilon: float | None, delta: float, significance: float
+) -> tuple[str, str]:
+    confidence = f"{100 * (1 - significance):g}%"
+    if claimed_epsilon is None:
+        return (
+            "no_claim",
+            f"No ε claim was given; at {confidence} confidence ε ≥ {epsilon_lower_bound:.4g} (δ={delta:g}).",
+        )
+    if math.isinf(claimed_epsilon):
+        return (
+            "non_private",
+            f"The model claims no guarantee; the audit shows ε ≥ {epsilon_lower_bound:.4g} (δ={delta:g}).",
+        )
+    if epsilon_lower_bound > claimed_epsilon:
+        return "violation", (
+            f"VIOLATION: at {confidence} confidence the model is not ({claimed_epsilon:.4g}, {delta:g})-DP "
+            f"(empirical lower bound ε ≥ {epsilon_lower_bound:.4g}). The training did not deliver its claimed guarantee."
+        )
+    return "consistent", (
+        f"Consistent with the claim: empirical lower bound ε ≥ {epsilon_lower_bound:.4g} ≤ claimed ε = "
+        f"{claimed_epsilon:.4g} (δ={delta:g}, {confidence} confidence). An audit can refute a guarantee, not prove it."
+    )
+
+
+def run_privacy_audit(
+    model: torch.nn.Module,
+    canary_set: CanarySet,
+    *,
+    reference_model: torch.nn.Module | None = None,
+    claimed_epsilon: float | None = None,
+    delta: float = 1e-5,
+    significance: float = 0.05,
+    guesses_per_side: Sequence[int] | None = None,
+    num_exposure_references: int = 0,
+    training_sequences: Sequence[Sequence[int]] | None = None,
+    heldout_sequences: Sequence[Sequence[int]] | None = None,
+    extraction_prefix_len: int = 50,
+    extraction_suffix_len: int = 50,
+    max_extraction_sequences: int = 1000,
+    batch_size: int = 16,
+    seed: int | None = None,
+) -> AuditReport:
+    """Audits `model`, trained on the included canaries of `canary_set` (and possibly other data).
+
+    Args:
+        model: the trained causal LM.
+        canary_set ([`CanarySet`]): the canaries with their inclusion coins.
+        reference_model: the model before training (same tokenizer); turns scores into likelihood ratios.
+        claimed_epsilon (`float`, *optional*): the trainer's ε at `delta` (``math.inf`` for a non-private run).
+        delta (`float`): δ of the claim, used by the one-run bound.
+        significance (`float`): α; the bound holds with probability ≥ 1 - α.
+        guesses_per_side (`Sequence[int]`, *optional*): each k means "guess the k highest-scoring canaries as
+            members and the k lowest as non-members"; several values are Bonferroni-corrected (α / count) and the
+            best bound is reported. Default: one k = max(1, m // 10).
+        num_exposure_references (`int`): fresh never-trained canaries added to the held-out ones as references.
+        training_sequences, heldout_sequences: token ids (padding removed) of training and held-out sequences for
+            membership inference on the data and the extraction test; both are optional.
+        extraction_prefix_len (`int`), extraction_suffix_len (`int`): the extraction test's window.
+        max_extraction_sequences (`int`): sequences tested for extraction per set (a random subset beyond that).
+        batch_size (`int`): sequences per forward pass.
+        seed (`int`, *optional*): fixes tie-breaking, reference draws and subsets (tests); OS entropy otherwise.
+    """
+    included, held_out = canary_set.included, canary_set.held_out
+    if not included or not held_out:
+        raise ValueError(
+            f"The audit needs both included and held-out canaries, got {len(included)} and {len(held_out)}."
+        )
+    m = len(canary_set.canaries)
+    ks = list(guesses_per_side) if guesses_per_side else [max(1, m // 10)]
+    if any(k < 1 or 2 * k > m for k in ks):
+        raise ValueError(f"Each guesses_per_side value must be in [1, {m // 2}] for {m} canaries, got {ks}.")
+    rng = np.random.default_rng(seed)
+
+    in_logppl = sequence_log_perplexity(model, [c.token_ids for c in included], batch_size=batch_size)
+    out_logppl = sequence_log_perplexity(model, [c.token_ids for c in held_out], batch_size=batch_size)
+    in_scores, out_scores = -in_logppl, -out_logppl
+    if reference_model is not None:
+        in_scores += sequence_log_perplexity(reference_model, [c.token_ids for c in included], batch_size=batch_size)
+        out_scores += sequence_log_perplexity(reference_model, [c.token_ids for c in held_out], batch_size=batch_size)
+    per_k_significance = significance / len(ks)
+    audits = [
+        one_run_audit(in_scores, out_scores, k, k, delta, per_k_significance, seed=int(rng.integers(2**63)))
+        for k in ks
+    ]
+    best = max(audits, key=lambda a: a.epsilon_lower_bound)
+
+    num_references, ref_logppl = len(held_out), out_logppl
+    if num_exposure_references > 0:
+        fresh = canary_set.draw_references(num_exposure_references, seed=int(rng.integers(2**63)))
+        ref_logppl = np.concatenate([out_logppl, sequence_log_perplexity(model, fresh, batch_size=batch_size)])
+        num_references += len(fresh)
+    exposures = np.asarray(exposure(in_logppl, ref_logppl), dtype=np.float64)
+
+    canaries = {
+        "num_canaries": m,
+        "num_included": len(included),
+        "num_held_out": len(held_out),
+        "canary_length": canary_set.length,
+        "membership_inference": _mia_metrics(in_scores, out_scores),
+        "one_run": {
+            "epsilon_lower_bound": best.epsilon_lower_bound,
+            "bonferroni_settings": len(ks),
+            "per_setting": [a.to_dict() for a in audits],
+        },
+        "exposure": {
+            "num_references": num_references,
+            "max_measurable": math.log2(num_references + 1),
+            "no_memorisation_mean": NO_MEMORISATION_EXPOSURE,
+            "mean": float(exposures.mean()),
+            "median": float(np.median(exposures)),
+            "max": float(exposures.max()),
+        },
+    }
+
+    training_data = extraction = None
+    if training_sequences is not None and heldout_sequences is not None:
+        training_data = _mia_metrics(
+            membership_scores(model, training_sequences, reference_model, batch_size),
+            membership_scores(model, heldout_sequences, reference_model, batch_size),
+        )
+    sets = {"training": training_sequences, "heldout": heldout_sequences}
+    if any(s is not None for s in sets.values()):
+        extraction = {}
+        for name, seqs in sets.items():
+            if seqs is None:
+                continue
+            if len(seqs) > max_extraction_sequences:
+                seqs = [seqs[i] for i in sorted(rng.choice(len(seqs), max_extraction_sequences, replace=False))]
+            extraction[name] = extraction_test(
+                model,
+                seqs,
+                prefix_len=extraction_prefix_len,
+                suffix_len=extraction_suffix_len,
+                batch_size=batch_size,
+            ).to_dict()
+
+    verdict, text = _verdict(best.epsilon_lower_bound, claimed_epsilon, delta, significance)
+    return AuditReport(
+        verdict=verdict,
+        verdict_text=text,
+        claimed_epsilon=claimed_epsilon,
+        delta=delta,
+        significance=significance,
+        score="log-likelihood ratio to the reference model" if reference_model is not None else "log-likelihood",
+        canaries=canaries,
+        training_data=training_data,
+        extraction=extraction,
+        settings={"guesses_per_side": ks, "seed_given": seed is not None},
+    )

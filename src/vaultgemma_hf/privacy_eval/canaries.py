@@ -1,0 +1,238 @@
+"""Audit canaries: random token sequences, each included in the training data with a secret coin flip.
+
+The one-run audit of Steinke, Nasr & Jagielski (2023) inserts m canaries into the training set, each
+independently with probability 1/2, trains once, and then tries to tell the included canaries from the held-out
+ones. For the audit to test the trainer's guarantee, each canary must be exactly one privacy unit: here a canary
+is one whole training sequence (never packed together with other text), and under user-level DP its own user.
+
+Canaries are uniformly random token ids (special tokens excluded) behind an optional BOS: the most
+out-of-distribution text there is, hence the easiest to memorise and the strongest simple canary for a language
+model. The file that lists them holds the inclusion coins, i.e. the audit's secret: keep it away from anyone whose
+attack is being evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaultgemma_hf.data.packing import PackedDataset
+
+__all__ = [
+    "CANARY_FILE_FORMAT",
+    "Canary",
+    "CanarySet",
+    "append_canaries",
+    "check_canaries_fit",
+    "load_canaries",
+    "make_canaries",
+    "save_canaries",
+]
+
+CANARY_FILE_FORMAT = "vaultgemma-hf-canaries/1"
+
+
+@dataclass(frozen=True)
+class Canary:
+    """One audit canary.
+
+    Attributes:
+        index (`int`): position in its [`CanarySet`].
+        token_ids (`tuple[int, ...]`): the canary sequence (BOS included when the set uses one).
+        included (`bool`): whether the canary goes into the training data (the secret coin).
+    """
+
+    index: int
+    token_ids: tuple[int, ...]
+    included: bool
+
+
+@dataclass(frozen=True)
+class CanarySet:
+    """Canaries plus how they were drawn (so that fresh reference canaries can be drawn the same way).
+
+    Attributes:
+        canaries (`tuple[Canary, ...]`): the canaries.
+        vocab_size (`int`): token ids are drawn from ``[0, vocab_size)`` ...
+        excluded_token_ids (`tuple[int, ...]`): ... minus these (special tokens).
+        length (`int`): number of random tokens per canary.
+        bos_token_id (`int | None`): prepended to every canary when set.
+    """
+
+    canaries: tuple[Canary, ...]
+    vocab_size: int
+    excluded_token_ids: tuple[int, ...]
+    length: int
+    bos_token_id: int | None
+
+    @property
+    def included(self) -> list[Canary]:
+        """The canaries that go into the training data."""
+        return [c for c in self.canaries if c.included]
+
+    @property
+    def held_out(self) -> list[Canary]:
+        """The canaries that are kept out of the training data."""
+        return [c for c in self.canaries if not c.included]
+
+    def draw_references(self, count: int, seed: int | None = None) -> list[tuple[int, ...]]:
+        """Fresh canaries from the same distribution, never trained on (references for exposure)."""
+        return [tuple(t) for t in _draw_tokens(self, count, seed)]
+
+
+def _allowed_tokens(vocab_size: int, excluded: Iterable[int]) -> np.ndarray:
+    allowed = np.setdiff1d(np.arange(vocab_size), np.asarray(sorted(set(excluded)), dtype=np.int64))
+    if allowed.size < 2:
+        raise ValueError(f"Fewer than 2 token ids left to draw canaries from (vocab_size={vocab_size}).")
+    return allowed
+
+
+def _draw_tokens(spec: CanarySet, count: int, seed: int | None) -> list[list[int]]:
+    rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
+    allowed = _allowed_tokens(spec.vocab_size, spec.excluded_token_ids)
+    body = allowed[rng.integers(0, allowed.size, size=(count, spec.length))]
+    prefix = [] if spec.bos_token_id is None else [spec.bos_token_id]
+    return [prefix + row.tolist() for row in body]
+
+
+def make_canaries(
+    num_canaries: int,
+    vocab_size: int,
+    *,
+    length: int = 32,
+    excluded_token_ids: Sequence[int] = (),
+    bos_token_id: int | None = None,
+    seed: int | None = None,
+) -> CanarySet:
+    """Draws random token canaries and their inclusion coins (fair: the one-run bound assumes probability 1/2).
+
+    Args:
+        num_canaries (`int`): number of canaries m (the one-run audit needs hundreds to thousands).
+        vocab_size (`int`): size of the model's vocabulary.
+        length (`int`): random tokens per canary (BOS not counted).
+        excluded_token_ids (`Sequence[int]`): ids never drawn (pad, eos, bos, unk, other special tokens).
+        bos_token_id (`int`, *optional*): prepended to every canary.
+        seed (`int`, *optional*): for reproducible tests; by default the coins and tokens use OS entropy.
+
+    Returns:
+        [`CanarySet`]
+    """
+    if num_canaries < 2:
+        raise ValueError(f"num_canaries must be >= 2, got {num_canaries}.")
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}.")
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
+    rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
+    spec = CanarySet((), int(vocab_size), tuple(sorted(set(excluded_token_ids))), int(length), bos_token_id)
+    tokens = _draw_tokens(spec, num_canaries, int(rng.integers(2**63)))
+    coins = rng.random(num_canaries) < 0.5
+    canaries = tuple(Canary(i, tuple(t), bool(c)) for i, (t, c) in enumerate(zip(tokens, coins, strict=True)))
+    return CanarySet(canaries, spec.vocab_size, spec.excluded_token_ids, spec.length, bos_token_id)
+
+
+def save_canaries(path: str | os.PathLike, canary_set: CanarySet) -> None:
+    """Writes the canaries (with their secret coins) as JSON Lines, atomically: a header line, then one per canary."""
+    header = {
+        "format": CANARY_FILE_FORMAT,
+        "vocab_size": canary_set.vocab_size,
+        "excluded_token_ids": list(canary_set.excluded_token_ids),
+        "length": canary_set.length,
+        "bos_token_id": canary_set.bos_token_id,
+        "num_canaries": len(canary_set.canaries),
+    }
+    lines = [json.dumps(header)] + [
+        json.dumps({"index": c.index, "token_ids": list(c.token_ids), "included": c.included})
+        for c in canary_set.canaries
+    ]
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_canaries(path: str | os.PathLike) -> CanarySet:
+    """Reads a file written by [`save_canaries`]; raises `ValueError` naming the line of any malformed content."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"Canary file {str(path)!r} does not exist.")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records: list[Any] = []
+    for line_no, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from err
+    if not records or not isinstance(records[0], dict) or records[0].get("format") != CANARY_FILE_FORMAT:
+        raise ValueError(f"{path}: not a canary file (its first line must be a {CANARY_FILE_FORMAT!r} header).")
+    header = records[0]
+    vocab_size, length, bos = header.get("vocab_size"), header.get("length"), header.get("bos_token_id")
+    canaries = []
+    for line_no, record in enumerate(records[1:], 2):
+        ok = (
+            isinstance(record, dict)
+            and isinstance(record.get("token_ids"), list)
+            and isinstance(record.get("included"), bool)
+        )
+        tokens = record.get("token_ids") if ok else None
+        if not ok or not all(isinstance(t, int) and 0 <= t < vocab_size for t in tokens):
+            raise ValueError(f"{path}:{line_no}: expected token ids in [0, {vocab_size}) and a boolean 'included'.")
+        if len(tokens) != length + (bos is not None) or record.get("index") != line_no - 2:
+            raise ValueError(f"{path}:{line_no}: canary length or index does not match the header.")
+        canaries.append(Canary(line_no - 2, tuple(tokens), record["included"]))
+    if len(canaries) != header.get("num_canaries"):
+        raise ValueError(
+            f"{path}: the header announces {header.get('num_canaries')} canaries, the file has {len(canaries)}."
+        )
+    return CanarySet(
+        tuple(canaries),
+        int(vocab_size),
+        tuple(header.get("excluded_token_ids", ())),
+        int(length),
+        bos,
+    )
+
+
+def check_canaries_fit(canary_set: CanarySet, vocab_size: int) -> None:
+    """Raises `ValueError` when the canaries were drawn for a larger vocabulary than the model's."""
+    if canary_set.vocab_size > vocab_size:
+        raise ValueError(
+            f"The canaries were drawn from {canary_set.vocab_size} token ids but the model's vocabulary has "
+            f"{vocab_size}: draw them for this model (vaultgemma-hf audit canaries --tokenizer ...)."
+        )
+
+
+def append_canaries(dataset: PackedDataset, canary_set: CanarySet, pad_token_id: int = 0) -> PackedDataset:
+    """Returns `dataset` plus one padded sequence per *included* canary (one privacy unit each).
+
+    With user ids (user-level DP), each canary gets a user of its own (``"canary-<index>"``) so that it is still
+    exactly one privacy unit. The held-out canaries are never added.
+    """
+    included = canary_set.included
+    seq_len = dataset.seq_len
+    width = canary_set.length + (canary_set.bos_token_id is not None)
+    if width > seq_len:
+        raise ValueError(f"Canaries of {width} tokens do not fit in training sequences of {seq_len} tokens.")
+    if not included:
+        return dataset
+    extra = torch.full((len(included), seq_len), pad_token_id, dtype=dataset.input_ids.dtype)
+    for row, canary in enumerate(included):
+        extra[row, :width] = torch.tensor(canary.token_ids, dtype=extra.dtype)
+    lengths = torch.cat([dataset.lengths, torch.full((len(included),), width, dtype=dataset.lengths.dtype)])
+    user_ids = None
+    if dataset.user_ids is not None:
+        user_ids = dataset.user_ids + [f"canary-{c.index}" for c in included]
+        if len(set(user_ids)) - len(set(dataset.user_ids)) != len(included):
+            raise ValueError("A training user id collides with a canary's user id ('canary-<index>').")
+    return PackedDataset(torch.cat([dataset.input_ids, extra]), lengths, user_ids)

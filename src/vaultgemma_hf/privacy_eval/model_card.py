@@ -1,0 +1,89 @@
+"""The "Empirical privacy audit" section of a model card (README.md), written next to the DP configuration.
+
+The section sits between two HTML comment markers, so auditing again replaces it instead of appending a second
+one; the rest of the card (the trainer's disclosure of the guarantee) is left as it is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vaultgemma_hf.privacy_eval.audit import AuditReport
+from vaultgemma_hf.trainer.model_card import atomic_write_text
+
+__all__ = ["AUDIT_BEGIN", "AUDIT_END", "render_audit_section", "write_audit_to_model_card"]
+
+AUDIT_BEGIN = "<!-- vaultgemma-hf privacy audit: begin -->"
+AUDIT_END = "<!-- vaultgemma-hf privacy audit: end -->"
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def render_audit_section(report: AuditReport) -> str:
+    """Markdown for the audit results (markers included)."""
+    canaries = report.canaries
+    mia, one_run, exposure = canaries["membership_inference"], canaries["one_run"], canaries["exposure"]
+    claimed = "none" if report.claimed_epsilon is None else f"{report.claimed_epsilon:.4g}"
+    rows = [
+        ("Verdict", report.verdict_text),
+        ("Claimed ε (δ)", f"{claimed} ({report.delta:g})"),
+        (
+            f"ε lower bound ({100 * (1 - report.significance):g}% confidence, one run)",
+            f"{one_run['epsilon_lower_bound']:.4g} (Bonferroni over {one_run['bonferroni_settings']} guess setting(s))",
+        ),
+        (
+            "Canaries",
+            f"{canaries['num_canaries']} random-token sequences of {canaries['canary_length']} tokens, "
+            f"{canaries['num_included']} trained on (each its own privacy unit), {canaries['num_held_out']} held out",
+        ),
+        ("Membership score", report.score),
+        ("Canary membership inference: AUC", f"{mia['auc']:.3f} (0.5 = chance)"),
+        ("TPR at FPR 1% / 0.1%", f"{_pct(mia['tpr_at_fpr']['0.01'])} / {_pct(mia['tpr_at_fpr']['0.001'])}"),
+        (
+            "Canary exposure (median / max, bits)",
+            f"{exposure['median']:.2f} / {exposure['max']:.2f} (≈{exposure['no_memorisation_mean']:.2f} without "
+            f"memorisation; at most {exposure['max_measurable']:.2f} with {exposure['num_references']} references)",
+        ),
+    ]
+    if report.training_data is not None:
+        data = report.training_data
+        rows.append(
+            (
+                "Training-data membership inference: AUC",
+                f"{data['auc']:.3f} ({data['num_members']} training vs {data['num_nonmembers']} held-out sequences)",
+            )
+        )
+    for name, result in (report.extraction or {}).items():
+        rows.append(
+            (
+                f"Extraction, {name} sequences ({result['prefix_len']}-token prefix → {result['suffix_len']} tokens)",
+                f"exact {_pct(result['exact_rate'])}, within {result['max_edit_fraction']:.0%} edit distance "
+                f"{_pct(result['approximate_rate'])} of {result['num_tested']} tested",
+            )
+        )
+    table = "\n".join(f"| {key} | {value} |" for key, value in rows)
+    return (
+        f"{AUDIT_BEGIN}\n## Empirical privacy audit\n\n"
+        "Measured after training with `vaultgemma-hf audit` (Steinke, Nasr & Jagielski 2023 one-run bound; "
+        "Carlini et al. 2019 exposure; the VaultGemma model card's extraction test). An audit can refute a "
+        "guarantee, never prove it: a lower bound below the claimed ε is the expected outcome of a correct "
+        "implementation.\n\n| | |\n|---|---|\n"
+        f"{table}\n{AUDIT_END}\n"
+    )
+
+
+def write_audit_to_model_card(model_dir: str | os.PathLike, report: AuditReport) -> Path:
+    """Adds (or replaces) the audit section of ``model_dir/README.md``, atomically; returns the card's path."""
+    path = Path(model_dir) / "README.md"
+    section = render_audit_section(report)
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    start, end = text.find(AUDIT_BEGIN), text.find(AUDIT_END)
+    if start != -1 and end > start:
+        text = text[:start] + section + text[end + len(AUDIT_END) :].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    atomic_write_text(path, text)
+    return path

@@ -1,0 +1,108 @@
+"""Model-facing measurements for audits: per-sequence log-perplexity and greedy continuations.
+
+Works with any causal language model that returns ``.logits`` (ours, transformers' built-in, a PEFT model); no
+model class is imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vaultgemma_hf.trainer.losses import IGNORE_INDEX, per_example_causal_lm_loss
+
+__all__ = ["greedy_continuations", "sequence_log_perplexity"]
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batches(items: Sequence, batch_size: int):
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    for start in range(0, len(items), batch_size):
+        yield items[start : start + batch_size]
+
+
+@torch.no_grad()
+def sequence_log_perplexity(
+    model: torch.nn.Module, sequences: Sequence[Sequence[int]], batch_size: int = 16, pad_token_id: int = 0
+) -> np.ndarray:
+    """Mean next-token negative log-likelihood (nats) of each sequence: the log of its perplexity.
+
+    Every token after the first is a target, exactly as in training (the first token, e.g. BOS, is only context).
+    Sequences are right-padded per batch; padding is masked and never a target. The model is put in eval mode and
+    its previous mode restored.
+
+    Args:
+        model: a causal LM returning ``logits``.
+        sequences: token id lists, each with at least 2 tokens.
+        batch_size (`int`): sequences per forward pass.
+        pad_token_id (`int`): id used for padding.
+
+    Returns:
+        `np.ndarray`: float64 ``[len(sequences)]``.
+    """
+    if any(len(s) < 2 for s in sequences):
+        raise ValueError("Every sequence needs at least 2 tokens to have a next-token loss.")
+    device, was_training = _device_of(model), model.training
+    model.eval()
+    out: list[np.ndarray] = []
+    try:
+        for batch in _batches(list(sequences), batch_size):
+            width = max(len(s) for s in batch)
+            ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, seq in enumerate(batch):
+                ids[row, : len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+                mask[row, : len(seq)] = 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+            out.append(per_example_causal_lm_loss(logits, labels).double().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model: torch.nn.Module,
+    prefixes: Sequence[Sequence[int]],
+    num_tokens: int,
+    batch_size: int = 8,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
+    """Greedy (argmax) continuation of exactly `num_tokens` tokens for each prefix, never stopping at EOS.
+
+    A memorisation test compares these with the true continuation; stopping early at an EOS would make a
+    memorised EOS count as a miss, so `generate` gets a generation config of its own: greedy, fixed length, and
+    an empty EOS list (``None`` would fall back to the model's EOS). All prefixes must have the same length, so no padding is involved.
+
+    Returns:
+        `list[list[int]]`: the generated tokens of each prefix.
+    """
+    from transformers import GenerationConfig
+
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be >= 1, got {num_tokens}.")
+    lengths = {len(p) for p in prefixes}
+    if len(lengths) > 1 or 0 in lengths:
+        raise ValueError("All prefixes must be non-empty and of the same length.")
+    config = GenerationConfig(do_sample=False, max_new_tokens=num_tokens, eos_token_id=[], pad_token_id=pad_token_id)
+    device, was_training = _device_of(model), model.training
+    model.eval()
+    results: list[list[int]] = []
+    try:
+        for batch in _batches([list(p) for p in prefixes], batch_size):
+            ids = torch.as_tensor(batch, dtype=torch.long, device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+            if out.shape[1] != ids.shape[1] + num_tokens:
+                raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} tokens, expected {num_tokens}.")
+            results.extend(out[:, ids.shape[1] :].tolist())
+    finally:
+        model.train(was_training)
+    return results
