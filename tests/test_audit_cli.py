@@ -108,3 +108,21 @@ def test_audit_commands_refuse_bad_input_and_write_nothing(tmp_path, tiny_model_
                  "--output-dir", str(tmp_path / "o"), "--noise-multiplier", "1", "--max-steps", "1", *TRAIN_FLAGS])  # fmt: skip
     assert code == 2 and "drawn from 1024 token ids" in capsys.readouterr().err
     assert main(["audit"]) == 2
+
+
+def test_audit_run_warns_that_shuffle_is_not_add_remove(tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / DP_STATE_NAME).write_text(
+        json.dumps({"epsilon": 3.0, "target_delta": 1e-6, "noise_multiplier": 1.1, "sampling": "shuffle"})
+    )
+    canaries = tmp_path / "canaries.jsonl"
+    assert main(["audit", "canaries", "--model", str(model), "--num-canaries", "20", "--output", str(canaries)]) == 0
+    report = tmp_path / "r.json"
+    argv = ["audit", "run", "--model", str(model), "--canaries", str(canaries), "--exposure-references", "0"]
+    assert main([*argv, "--output", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert (data["claimed_epsilon"], data["delta"], data["verdict"]) == (3.0, 1e-6, "consistent")
+    assert "zero-out adjacency" in capsys.readouterr().err

@@ -371,6 +371,14 @@ def test_cli_counts_a_dataset_file(tmp_path, capsys):
     assert json.loads((tmp_path / "p.json").read_text())["dataset_size"] == 5000
     assert "5,000 documents" in capsys.readouterr().err
 
+    # Audit canaries that training will add are privacy units too: N counts the included ones.
+    from vaultgemma_hf.privacy_eval import make_canaries, save_canaries
+
+    canary_set = make_canaries(40, 97, length=4, seed=0)
+    save_canaries(tmp_path / "c.jsonl", canary_set)
+    assert main([*argv.split(), "--canary-file", str(tmp_path / "c.jsonl")]) == 0
+    assert json.loads((tmp_path / "p.json").read_text())["dataset_size"] == 5000 + len(canary_set.included)
+
 
 @pytest.mark.parametrize(
     "argv",

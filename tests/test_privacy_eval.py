@@ -254,6 +254,8 @@ def test_audit_on_training_data_and_bad_settings(tiny_kwargs):
     assert report.extraction["training"]["num_tested"] == 5 and report.extraction["heldout"]["num_tested"] == 5
     assert report.canaries["exposure"]["num_references"] == len(canary_set.held_out) + 30
     assert report.score == "log-likelihood"
+    with pytest.raises(ValueError, match="drawn from 1000 token ids"):
+        run_privacy_audit(model, make_canaries(20, 1000, length=4, seed=0))
     with pytest.raises(ValueError, match="guesses_per_side"):
         run_privacy_audit(model, canary_set, guesses_per_side=[11])
     lopsided = dataclasses.replace(

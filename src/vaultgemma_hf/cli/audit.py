@@ -142,6 +142,13 @@ def _claim(model_dir: str, epsilon: float | None, delta: float | None) -> tuple[
             state = json.loads(state_path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise UsageError(f"{state_path}: not valid JSON ({err.msg}).") from None
+    if state.get("sampling") == "shuffle":
+        print(
+            "vaultgemma-hf audit run: warning: this model was trained with sampling='shuffle', whose guarantee is for "
+            "zero-out adjacency; including or leaving out a canary is add/remove adjacency, so a bound above the "
+            "claimed ε is not by itself a violation of that guarantee.",
+            file=sys.stderr,
+        )
     if epsilon is None and state:
         non_private = float(state.get("noise_multiplier", 1.0)) == 0.0
         value = state.get("epsilon")

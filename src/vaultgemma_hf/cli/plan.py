@@ -47,6 +47,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--tokenizer", help="Tokenizer directory or tokenizer.json used to count tokens of --dataset.")
     data.add_argument("--text-field", default="text", help="Text key of .jsonl records (default: text).")
     data.add_argument("--seq-len", type=_positive_int, default=1024, help="Tokens per sequence S (default: 1024).")
+    data.add_argument(
+        "--canary-file",
+        help="Audit canaries that `vaultgemma-hf train --canary-file` will add: N counts the included ones too.",
+    )
     model = parser.add_argument_group("model size M (default: VaultGemma 1B, 1,038,741,120 parameters)")
     size = model.add_mutually_exclusive_group()
     size.add_argument("--config", help="config.json, model directory or preset name (vaultgemma-1b, tiny).")
@@ -130,6 +134,12 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"{args.dataset}: {dataset_size:,} {how}.", file=sys.stderr)
     else:
         dataset_size = args.dataset_size
+    if args.canary_file:
+        from vaultgemma_hf.privacy_eval.canaries import load_canaries
+
+        included = len(load_canaries(args.canary_file).included)
+        dataset_size += included
+        print(f"{args.canary_file}: {included} audit canaries to include; N = {dataset_size:,}.", file=sys.stderr)
     if args.config:
         num_parameters = count_parameters(load_model_config(args.config))
     else:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaultgemma_hf.privacy_eval.canaries import CanarySet
+from vaultgemma_hf.privacy_eval.canaries import CanarySet, check_canaries_fit
 from vaultgemma_hf.privacy_eval.extraction import extraction_test
 from vaultgemma_hf.privacy_eval.scoring import sequence_log_perplexity
 from vaultgemma_hf.privacy_eval.stats import exposure, one_run_audit, roc_auc, tpr_at_fpr
@@ -113,8 +113,9 @@ def _verdict(
             f"(empirical lower bound ε ≥ {epsilon_lower_bound:.4g}). The training did not deliver its claimed guarantee."
         )
     return "consistent", (
-        f"Consistent with the claim: empirical lower bound ε ≥ {epsilon_lower_bound:.4g} ≤ claimed ε = "
-        f"{claimed_epsilon:.4g} (δ={delta:g}, {confidence} confidence). An audit can refute a guarantee, not prove it."
+        f"Consistent with the claim: the empirical lower bound ε ≥ {epsilon_lower_bound:.4g} does not exceed the "
+        f"claimed ε = {claimed_epsilon:.4g} (δ={delta:g}, {confidence} confidence). An audit can refute a guarantee, "
+        "not prove it."
     )
 
 
@@ -156,6 +157,9 @@ def run_privacy_audit(
         batch_size (`int`): sequences per forward pass.
         seed (`int`, *optional*): fixes tie-breaking, reference draws and subsets (tests); OS entropy otherwise.
     """
+    vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab_size is not None:
+        check_canaries_fit(canary_set, vocab_size)
     included, held_out = canary_set.included, canary_set.held_out
     if not included or not held_out:
         raise ValueError(
