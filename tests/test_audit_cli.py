@@ -7,6 +7,8 @@ import json
 import pytest
 
 from vaultgemma_hf.cli.main import main
+from vaultgemma_hf.cli.train import read_documents
+from vaultgemma_hf.data.packing import pack_documents
 from vaultgemma_hf.privacy_eval import load_canaries
 from vaultgemma_hf.trainer import DP_STATE_NAME
 
@@ -52,7 +54,7 @@ def test_audit_commands_end_to_end(tmp_path, tiny_model_dir, corpus, capsys):
 
     report_path = tmp_path / "audit.json"
     argv = ["audit", "run", "--model", str(out), "--reference-model", str(tiny_model_dir), "--canaries",
-            str(canaries), "--train-file", str(train), "--heldout-file", str(heldout), "--seq-len", "32",
+            str(canaries), "--train-file", str(train), "--heldout-file", str(heldout),
             "--prefix-len", "8", "--suffix-len", "8", "--exposure-references", "100", "--seed", "0"]  # fmt: skip
     assert main([*argv, "--output", str(report_path)]) == 0
     report = json.loads(report_path.read_text())
@@ -60,11 +62,14 @@ def test_audit_commands_end_to_end(tmp_path, tiny_model_dir, corpus, capsys):
     assert report["delta"] == state["target_delta"]
     assert report["canaries"]["num_included"] == num_included
     assert report["canaries"]["membership_inference"]["auc"] > 0.9
-    assert report["training_data"]["num_members"] > 0 and report["extraction"]["heldout"]["num_tested"] > 0
+    assert report["extraction"]["heldout"]["num_tested"] > 0
+    # The training sequences are packed as in training: --seq-len defaults to the run's (32, from dp_state.json).
+    packed = pack_documents(read_documents(str(train))[0], tokenizer, seq_len=state["seq_len"])
+    assert state["seq_len"] == 32 and report["training_data"]["num_members"] == len(packed)
     assert "claims no guarantee" in capsys.readouterr().err
 
-    # The same model presented as (0.1, 1e-5)-DP is refuted: exit code 1, the report is still written.
-    assert main([*argv, "--epsilon", "0.1", "--output", str(report_path)]) == 1
+    # The same model presented as (0.1, 1e-5)-DP is refuted: exit code 3, the report is still written.
+    assert main([*argv, "--epsilon", "0.1", "--output", str(report_path)]) == 3
     assert json.loads(report_path.read_text())["verdict"] == "violation"
     assert "VIOLATION" in capsys.readouterr().err
 
@@ -93,7 +98,7 @@ def test_audit_commands_refuse_bad_input_and_write_nothing(tmp_path, tiny_model_
         (["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(canaries), "--epsilon", "-1"],
          "--epsilon must be positive"),
         (["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(canaries), "--guesses", "9"],
-         "guesses_per_side"),
+         "--guesses: each value must be at most 5"),
     ]  # fmt: skip
     for argv, message in cases:
         assert main([*argv, "--output", str(report)] if argv[1] == "run" else argv) == 2, argv
@@ -108,21 +113,97 @@ def test_audit_commands_refuse_bad_input_and_write_nothing(tmp_path, tiny_model_
                  "--output-dir", str(tmp_path / "o"), "--noise-multiplier", "1", "--max-steps", "1", *TRAIN_FLAGS])  # fmt: skip
     assert code == 2 and "drawn from 1024 token ids" in capsys.readouterr().err
     assert main(["audit"]) == 2
+    assert main(["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(canaries), "--output",
+                 str(canaries)]) == 2  # fmt: skip
+    assert "would overwrite the canary file" in capsys.readouterr().err and load_canaries(canaries)
 
 
-def test_audit_run_warns_that_shuffle_is_not_add_remove(tmp_path, tiny_model_dir, capsys):
+@pytest.fixture
+def model_with_state(tmp_path, tiny_model_dir):
+    """A copy of the tiny model with a dp_state.json written by the test, and canaries drawn for it."""
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_model_dir, model)
-    (model / DP_STATE_NAME).write_text(
-        json.dumps({"epsilon": 3.0, "target_delta": 1e-6, "noise_multiplier": 1.1, "sampling": "shuffle"})
-    )
     canaries = tmp_path / "canaries.jsonl"
     assert main(["audit", "canaries", "--model", str(model), "--num-canaries", "20", "--output", str(canaries)]) == 0
-    report = tmp_path / "r.json"
-    argv = ["audit", "run", "--model", str(model), "--canaries", str(canaries), "--exposure-references", "0"]
-    assert main([*argv, "--output", str(report)]) == 0
-    data = json.loads(report.read_text())
-    assert (data["claimed_epsilon"], data["delta"], data["verdict"]) == (3.0, 1e-6, "consistent")
+
+    def run(state, *extra: str):
+        (model / DP_STATE_NAME).write_text(json.dumps(state))
+        report = tmp_path / "r.json"
+        report.unlink(missing_ok=True)
+        argv = ["audit", "run", "--model", str(model), "--canaries", str(canaries), "--exposure-references", "0"]
+        code = main([*argv, *extra, "--output", str(report)])
+        return code, (json.loads(report.read_text()) if report.exists() else None)
+
+    return run
+
+
+def test_audit_run_shuffle_claim_is_not_comparable(model_with_state, capsys):
+    state = {"epsilon": 3.0, "target_delta": 1e-6, "noise_multiplier": 1.1, "sampling": "shuffle"}
+    code, data = model_with_state(state, "--dtype", "bfloat16")
+    assert code == 0 and (data["claimed_epsilon"], data["delta"], data["verdict"]) == (3.0, 1e-6, "not_comparable")
     assert "zero-out adjacency" in capsys.readouterr().err
+
+
+def test_audit_run_reads_the_claim_from_dp_state(model_with_state, capsys):
+    import dp_accounting
+
+    # A claim at another δ is recomputed from the saved accountant state (oracle: dp_accounting's event by hand).
+    saved = {"format_version": 1, "accountant": "pld", "sampling": "poisson", "noise_multiplier": 0.8,
+             "sampling_rate": 0.05, "dataset_size": 640, "max_batch_size": None, "logical_batch_size": 32,
+             "steps": 400, "dp_accounting_version": "0.6.0"}  # fmt: skip
+    state = {
+        "epsilon": 10.7,
+        "target_delta": 1e-5,
+        "noise_multiplier": 0.8,
+        "sampling": "poisson",
+        "accountant": saved,
+    }
+    code, data = model_with_state(state, "--delta", "1e-8")  # (δ where dp_accounting's float64 PLD is reliable)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.05, dp_accounting.GaussianDpEvent(0.8)), 400
+    )
+    accountant = dp_accounting.pld.PLDAccountant()
+    accountant.compose(event)
+    assert code == 0 and data["delta"] == 1e-8
+    assert data["claimed_epsilon"] == pytest.approx(accountant.get_epsilon(1e-8), rel=1e-9)
+    assert data["claimed_epsilon"] > 14 and "recomputed from the saved accountant" in capsys.readouterr().err
+    # --epsilon is the user's own claim; its δ defaults to the state's.
+    code, data = model_with_state(state, "--epsilon", "5")
+    assert code == 0 and (data["claimed_epsilon"], data["delta"]) == (5.0, 1e-5)
+
+    # Malformed or unusable states are usage errors (exit 2, nothing written), never a silent "no guarantee".
+    for bad, message in [
+        ({"noise_multiplier": 1.1, "target_delta": 1e-5}, "'epsilon' must be a number"),
+        ({"epsilon": None, "noise_multiplier": 1.1, "target_delta": 1e-5}, "'epsilon' must be a number"),
+        ({"epsilon": 0.0, "noise_multiplier": 1.1, "target_delta": 1e-5}, "took no DP step"),
+        ({"epsilon": 2.0, "noise_multiplier": None, "target_delta": 1e-5}, "'noise_multiplier' must be a number"),
+        ({"epsilon": 2.0, "noise_multiplier": 1.1, "target_delta": "x"}, "'target_delta' must be a number"),
+        ([1, 2], "expected a JSON object"),
+    ]:
+        code, data = model_with_state(bad)
+        assert (code, data) == (2, None) and message in capsys.readouterr().err, bad
+    code, data = model_with_state({"epsilon": 2.0, "noise_multiplier": 1.1, "target_delta": 1e-5}, "--delta", "1e-9")
+    assert (code, data) == (2, None) and "no accountant state" in capsys.readouterr().err
+    # A non-private control run (σ = 0) claims nothing.
+    code, data = model_with_state({"epsilon": "inf", "noise_multiplier": 0.0, "target_delta": 1e-5})
+    assert code == 0 and data["verdict"] == "non_private"
+
+
+def test_user_level_training_keeps_each_canary_a_user_of_its_own(tmp_path, tiny_model_dir, capsys):
+    from vaultgemma_hf.fixtures import TINY_CORPUS
+
+    lines = [line for line in TINY_CORPUS.read_text().splitlines() if line.strip()][:40]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps({"text": line, "user": i % 5}) + "\n" for i, line in enumerate(lines)))
+    canaries = tmp_path / "canaries.jsonl"
+    assert main(["audit", "canaries", "--model", str(tiny_model_dir), "--num-canaries", "12", "--length", "12",
+                 "--output", str(canaries)]) == 0  # fmt: skip
+    out = tmp_path / "out"
+    code = main(["train", "--model", str(tiny_model_dir), "--train-file", str(data), "--user-field", "user",
+                 "--privacy-unit", "user", "--canary-file", str(canaries), "--output-dir", str(out),
+                 "--noise-multiplier", "1", "--max-steps", "1", *TRAIN_FLAGS, "--logical-batch-size", "4"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err[-2000:]
+    state = json.loads((out / DP_STATE_NAME).read_text())
+    assert state["privacy_unit"] == "user" and state["dataset_size"] == 5 + len(load_canaries(canaries).included)

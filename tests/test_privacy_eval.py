@@ -77,6 +77,20 @@ def test_canary_file_round_trip_and_malformed_files(tmp_path):
         bad.write_text(text + "\n")
         with pytest.raises(ValueError, match=message):
             load_canaries(bad)
+    header = json.loads(lines[0])
+    first = json.loads(lines[1])
+    for record, message in [
+        ({**first, "token_ids": [2, True, *first["token_ids"][2:]]}, ":2: expected token ids"),  # a bool is no id
+        ({**first, "token_ids": [2, 0, *first["token_ids"][2:]]}, ":2: expected token ids"),  # an excluded id
+        ({**first, "token_ids": [5, *first["token_ids"][1:]]}, ":2: canary length, BOS"),  # not the header's BOS
+    ]:
+        bad.write_text("\n".join([lines[0], json.dumps(record), *lines[2:]]) + "\n")
+        with pytest.raises(ValueError, match=message):
+            load_canaries(bad)
+    for key, value in [("vocab_size", None), ("length", "4"), ("excluded_token_ids", 3), ("num_canaries", 1.5)]:
+        bad.write_text("\n".join([json.dumps({**header, key: value}), *lines[1:]]) + "\n")
+        with pytest.raises(ValueError, match=f"malformed canary header: {key}"):
+            load_canaries(bad)
     with pytest.raises(ValueError, match="does not exist"):
         load_canaries(tmp_path / "missing.jsonl")
 
@@ -123,21 +137,26 @@ def test_log_perplexity_matches_transformers_loss_one_sequence_at_a_time(tiny_kw
         sequence_log_perplexity(model, [[5]])
 
 
-def test_greedy_continuations_match_a_slow_argmax_loop_and_ignore_eos(tiny_kwargs):
+def test_greedy_continuations_match_generate_ignore_eos_and_the_models_generation_config(tiny_kwargs):
+    from transformers import GenerationConfig
+
     model = tiny_model(tiny_kwargs, seed=1)
     with torch.no_grad():  # make EOS (id 1) the argmax after some prefixes, to check that generation goes on
         model.model.embed_tokens.weight[1] *= 20  # tied with the LM head
-    prefixes = torch.randint(3, 97, (5, 7), generator=torch.Generator().manual_seed(2)).tolist()
-    ours = greedy_continuations(model, prefixes, 12, batch_size=2)
-    oracle = []
-    with torch.no_grad():
-        for prefix in prefixes:
-            ids = torch.tensor([prefix])
-            for _ in range(12):
-                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-            oracle.append(ids[0, 7:].tolist())
+    prefixes = torch.randint(3, 97, (5, 7), generator=torch.Generator().manual_seed(2))
+    ours = greedy_continuations(model, prefixes.tolist(), 12, batch_size=2)
+    # Oracle: transformers' generate (KV cache) with a neutral greedy config and no EOS.
+    oracle = model.generate(
+        input_ids=prefixes,
+        attention_mask=torch.ones_like(prefixes),
+        generation_config=GenerationConfig(do_sample=False, max_new_tokens=12, eos_token_id=[], pad_token_id=0),
+    )[:, 7:].tolist()
     assert ours == oracle and all(len(o) == 12 for o in ours)
     assert any(1 in o for o in ours)  # an EOS was produced and generation went on
+    # A checkpoint's generation settings (here a huge repetition penalty) do not bend the raw argmax.
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    assert greedy_continuations(model, prefixes.tolist(), 12) == ours
     with pytest.raises(ValueError, match="same length"):
         greedy_continuations(model, [[5, 6], [5]], 3)
 
@@ -211,11 +230,68 @@ def test_audit_catches_a_non_private_run_and_refutes_a_false_claim(tiny_kwargs, 
     mia = report.canaries["membership_inference"]
     assert report.verdict == "non_private" and mia["auc"] > 0.95
     assert report.canaries["one_run"]["epsilon_lower_bound"] > 1.0
-    assert report.canaries["exposure"]["median"] > 3 * report.canaries["exposure"]["no_memorisation_mean"]
+    exposure = report.canaries["exposure"]
+    assert exposure["mean"] > 3 * exposure["expected_without_memorisation"]
     # The same model presented as (0.5, 1e-5)-DP: the audit refutes the claim.
     false_claim = run_privacy_audit(model, canary_set, reference_model=reference, claimed_epsilon=0.5, seed=0)
     assert false_claim.verdict == "violation" and "VIOLATION" in false_claim.verdict_text
     json.loads(false_claim.to_json())
+
+    # The model card section: added once under the existing card, replaced on a second audit; an unterminated
+    # section (edited by hand) is refused rather than duplicated.
+    from vaultgemma_hf.privacy_eval.model_card import AUDIT_END, write_audit_to_model_card
+
+    (tmp_path / "README.md").write_text("# card\n\nDP configuration.\n")
+    for _ in range(2):
+        write_audit_to_model_card(tmp_path, false_claim)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("# card\n\nDP configuration.\n\n") and card.count("## Empirical privacy audit") == 1
+    assert "| Verdict | VIOLATION" in card
+    (tmp_path / "README.md").write_text(card.replace(AUDIT_END, ""))
+    with pytest.raises(ValueError, match="no end marker"):
+        write_audit_to_model_card(tmp_path, false_claim)
+
+
+def test_audit_refutes_a_claim_whose_noise_is_too_small(tiny_kwargs, tmp_path):
+    # σ = 0.3 (ε ≈ 79 here) presented as ε = 1: the kind of bug (noise mis-scaled) the audit is for.
+    canary_set = make_canaries(400, 97, length=8, excluded_token_ids=SPECIALS, bos_token_id=2, seed=11)
+    model, reference, trainer = _train_on_canaries(
+        tiny_kwargs, tmp_path, canary_set, noise_multiplier=0.3, max_steps=40
+    )
+    assert trainer.get_epsilon() > 20
+    report = run_privacy_audit(
+        model, canary_set, reference_model=reference, claimed_epsilon=1.0, guesses_per_side=[40], seed=0
+    )
+    assert report.verdict == "violation" and report.canaries["one_run"]["claim_refuted"]
+    assert report.canaries["one_run"]["epsilon_lower_bound"] > 1.0
+    honest = run_privacy_audit(
+        model,
+        canary_set,
+        reference_model=reference,
+        claimed_epsilon=trainer.get_epsilon(),
+        guesses_per_side=[40],
+        seed=0,
+    )
+    assert honest.verdict == "consistent"
+    # Under shuffle the claim is for zero-out adjacency, which this add/remove test cannot refute.
+    shuffled = run_privacy_audit(
+        model,
+        canary_set,
+        reference_model=reference,
+        claimed_epsilon=1.0,
+        guesses_per_side=[40],
+        seed=0,
+        sampling="shuffle",
+    )
+    assert shuffled.verdict == "not_comparable" and "zero-out" in shuffled.verdict_text
+
+    # Scores do not depend on the coins: flipping every coin turns the AUC into 1 - AUC exactly.
+    flipped = dataclasses.replace(
+        canary_set, canaries=tuple(dataclasses.replace(c, included=not c.included) for c in canary_set.canaries)
+    )
+    report_flipped = run_privacy_audit(model, flipped, reference_model=reference, guesses_per_side=[40], seed=0)
+    auc, auc_flipped = (r.canaries["membership_inference"]["auc"] for r in (report, report_flipped))
+    assert auc_flipped == pytest.approx(1 - auc, abs=1e-12)
 
 
 def test_audit_does_not_refute_dp_trainer_guarantee(tiny_kwargs, tmp_path):
@@ -246,18 +322,28 @@ def test_audit_on_training_data_and_bad_settings(tiny_kwargs):
         heldout_sequences=heldout,
         extraction_prefix_len=8,
         extraction_suffix_len=8,
-        max_extraction_sequences=5,
+        max_data_sequences=10,
         num_exposure_references=30,
         seed=0,
     )
-    assert report.training_data["num_members"] == 12 and report.training_data["num_nonmembers"] == 8
-    assert report.extraction["training"]["num_tested"] == 5 and report.extraction["heldout"]["num_tested"] == 5
+    assert report.training_data["num_members"] == 10 and report.training_data["num_nonmembers"] == 8
+    assert report.extraction["training"]["num_tested"] == 10 and report.extraction["heldout"]["num_tested"] == 8
+    # TPR at an FPR below 1 / (number of held-out canaries) is not measurable: None, not "TPR at FPR 0".
+    n_out = report.canaries["num_held_out"]
+    tprs = report.canaries["membership_inference"]["tpr_at_fpr"]
+    assert tprs["0.001"] is None and {level: tprs[level] is None for level in ("0.1", "0.01")} == {
+        level: float(level) * n_out < 1 for level in ("0.1", "0.01")
+    }
+    assert report.training_data["tpr_at_fpr"]["0.1"] is None  # 8 held-out sequences
     assert report.canaries["exposure"]["num_references"] == len(canary_set.held_out) + 30
     assert report.score == "log-likelihood"
     with pytest.raises(ValueError, match="drawn from 1000 token ids"):
         run_privacy_audit(model, make_canaries(20, 1000, length=4, seed=0))
-    with pytest.raises(ValueError, match="guesses_per_side"):
+    with pytest.raises(ValueError, match="guesses per side"):
         run_privacy_audit(model, canary_set, guesses_per_side=[11])
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="claimed_epsilon"):
+            run_privacy_audit(model, canary_set, claimed_epsilon=bad)
     lopsided = dataclasses.replace(
         canary_set, canaries=tuple(dataclasses.replace(c, included=True) for c in canary_set.canaries)
     )

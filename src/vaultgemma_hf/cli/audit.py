@@ -8,8 +8,8 @@ Three steps::
         --train-file data.jsonl --heldout-file heldout.jsonl --output audit.json
 
 `audit run` reads the claimed (ε, δ) from the trained model's dp_state.json (or --epsilon/--delta), prints the
-verdict and writes the full JSON report. Exit codes: 0 (no violation), 1 (the audit refutes the claimed ε),
-2 (usage error).
+verdict and writes the full JSON report. Exit codes: 0 (no violation found), 2 (usage error; nothing is written),
+3 (VIOLATION: the audit refutes the claimed ε). An unexpected crash exits with Python's 1 and a traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ from typing import Any
 from vaultgemma_hf.cli._io import UsageError, atomic_output
 from vaultgemma_hf.cli._io import positive_int as _positive_int
 from vaultgemma_hf.cli._resolve import DEVICE_CHOICES, _check_output_path, _resolve_device, _resolve_pretrained
+
+
+def _non_negative_int(text: str) -> int:
+    return 0 if text.strip() in ("0", "0.0") else _positive_int(text)
 
 
 def _probability(text: str) -> float:
@@ -60,7 +65,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     run.add_argument("--tokenizer", help="Tokenizer directory (default: --model); needed for --train-file.")
     run.add_argument("--epsilon", type=float, help="Claimed ε (default: read from the model's dp_state.json).")
-    run.add_argument("--delta", type=float, help="δ of the claim (default: dp_state.json's, else 1e-5).")
+    run.add_argument(
+        "--delta",
+        type=float,
+        help="δ of the claim (default: dp_state.json's target_delta, else 1e-5); with dp_state.json and no --epsilon, "
+        "ε is recomputed at this δ from the saved accountant state.",
+    )
     run.add_argument("--significance", type=_probability, default=0.05, help="α of the lower bound (default 0.05).")
     run.add_argument(
         "--guesses",
@@ -70,20 +80,41 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "Bonferroni-corrected (default: m // 10).",
     )
     run.add_argument(
-        "--exposure-references", type=int, default=1000, help="Fresh reference canaries for exposure (default 1000)."
+        "--exposure-references",
+        type=_non_negative_int,
+        default=1000,
+        help="Fresh reference canaries for exposure (default 1000).",
     )
     data = run.add_argument_group("training data (optional: membership inference on the data, extraction test)")
     data.add_argument("--train-file", help="The training documents (.jsonl/.txt), packed as for training.")
     data.add_argument("--heldout-file", help="Held-out documents of the same kind (same format).")
     data.add_argument("--text-field", default="text", help="Text key of .jsonl records (default: text).")
-    data.add_argument("--seq-len", type=_positive_int, default=1024, help="Tokens per packed sequence (default 1024).")
+    data.add_argument(
+        "--seq-len",
+        type=_positive_int,
+        help="Tokens per packed sequence (default: the run's, from dp_state.json; else 1024).",
+    )
     data.add_argument("--prefix-len", type=_positive_int, default=50, help="Extraction prefix tokens (default 50).")
     data.add_argument("--suffix-len", type=_positive_int, default=50, help="Extraction suffix tokens (default 50).")
     data.add_argument(
-        "--max-extraction", type=_positive_int, default=1000, help="Sequences tested per set (default 1000)."
+        "--max-sequences",
+        type=_positive_int,
+        default=1000,
+        help="Sequences of each file used (a random subset beyond that; default 1000).",
     )
-    run.add_argument("--batch-size", type=_positive_int, default=16, help="Sequences per forward pass.")
+    run.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        help="Sequences per forward pass (default 8; a batch's full-vocabulary logits are held in memory).",
+    )
     run.add_argument("--device", default="cpu", help=f"Device ({DEVICE_CHOICES}; default cpu).")
+    run.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="Weights dtype for scoring (default float32; losses are always reduced in float32).",
+    )
     run.add_argument("--seed", type=int, help="Seed (tests only).")
     run.add_argument("--output", help="Write the JSON report here (default: stdout).")
     run.add_argument(
@@ -133,43 +164,81 @@ def run_canaries(args: argparse.Namespace) -> int:
     return 0
 
 
-def _claim(model_dir: str, epsilon: float | None, delta: float | None) -> tuple[float | None, float]:
-    """The claimed (ε, δ): flags first, then the trained model's dp_state.json."""
-    state_path = Path(model_dir) / "dp_state.json"
-    state: dict[str, Any] = {}
-    if state_path.is_file():
-        try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{state_path}: not valid JSON ({err.msg}).") from None
-    if state.get("sampling") == "shuffle":
-        print(
-            "vaultgemma-hf audit run: warning: this model was trained with sampling='shuffle', whose guarantee is for "
-            "zero-out adjacency; including or leaving out a canary is add/remove adjacency, so a bound above the "
-            "claimed ε is not by itself a violation of that guarantee.",
-            file=sys.stderr,
-        )
-    if epsilon is None and state:
-        non_private = float(state.get("noise_multiplier", 1.0)) == 0.0
-        value = state.get("epsilon")
-        epsilon = math.inf if non_private or value in (None, "inf", "Infinity") else float(value)
-    if delta is None:
-        delta = float(state.get("target_delta", 1e-5)) if state else 1e-5
-    if epsilon is not None and not epsilon > 0:
-        raise UsageError(f"--epsilon must be positive, got {epsilon}.")
+def _read_state(model_dir: str) -> dict[str, Any]:
+    path = Path(model_dir) / "dp_state.json"
+    if not path.is_file():
+        return {}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: not valid JSON ({err.msg}).") from None
+    if not isinstance(state, dict):
+        raise UsageError(f"{path}: expected a JSON object.")
+    return state
+
+
+def _number(state: dict[str, Any], key: str, where: str) -> float:
+    value = state.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise UsageError(f"{where}: {key!r} must be a number, got {value!r}; give --epsilon and --delta instead.")
+    return float(value)
+
+
+def _claim(model_dir: str, state: dict[str, Any], epsilon: float | None, delta: float | None):
+    """The claimed (ε, δ): --epsilon (the user's own claim) first, else the trained model's dp_state.json."""
+    where = str(Path(model_dir) / "dp_state.json")
+    if epsilon is not None:
+        if not epsilon > 0:
+            raise UsageError(f"--epsilon must be positive, got {epsilon}.")
+        if delta is None:
+            delta = _number(state, "target_delta", where) if state else 1e-5
+    elif state:
+        saved_delta = _number(state, "target_delta", where)
+        if _number(state, "noise_multiplier", where) == 0.0:
+            epsilon = math.inf  # a non-private control run
+        elif delta is None or delta == saved_delta:
+            epsilon = _number(state, "epsilon", where)
+            if not epsilon > 0:
+                raise UsageError(
+                    f"{where}: 'epsilon' is {epsilon}: the run took no DP step, there is nothing to audit."
+                )
+        else:
+            from vaultgemma_hf.dp.accounting import PrivacyAccountant
+
+            saved = state.get("accountant")
+            if not isinstance(saved, dict):
+                raise UsageError(f"{where}: no accountant state to recompute ε at --delta {delta}.")
+            try:
+                accountant = PrivacyAccountant(
+                    float(saved["noise_multiplier"]),
+                    float(saved["sampling_rate"]),
+                    accountant=saved["accountant"],
+                    sampling=saved["sampling"],
+                    dataset_size=saved.get("dataset_size"),
+                    max_batch_size=saved.get("max_batch_size"),
+                    logical_batch_size=saved.get("logical_batch_size"),
+                )
+                accountant.load_state_dict(saved)
+                epsilon = accountant.get_epsilon(delta)
+            except (KeyError, TypeError, ValueError) as err:
+                raise UsageError(f"{where}: cannot recompute ε at --delta {delta}: {err}") from None
+            print(f"Claimed ε at δ={delta:g} recomputed from the saved accountant: {epsilon:.4g}.", file=sys.stderr)
+        delta = saved_delta if delta is None else delta
+    elif delta is None:
+        delta = 1e-5
     if not 0.0 <= delta < 1.0:
         raise UsageError(f"--delta must be in [0, 1), got {delta}.")
     return epsilon, delta
 
 
-def _load_sequences(path: str | None, tokenizer: Any, args: argparse.Namespace, max_positions: int | None):
+def _load_sequences(path: str | None, tokenizer: Any, text_field: str, seq_len: int, max_positions: int | None):
     if path is None:
         return None
     from vaultgemma_hf.cli.train import read_documents
     from vaultgemma_hf.data.packing import pack_documents
 
-    documents, _ = read_documents(path, args.text_field)
-    packed = pack_documents(documents, tokenizer, seq_len=args.seq_len, max_position_embeddings=max_positions)
+    documents, _ = read_documents(path, text_field)
+    packed = pack_documents(documents, tokenizer, seq_len=seq_len, max_position_embeddings=max_positions)
     # A one-token remainder has no next-token loss to score; it is left out.
     return [packed.input_ids[i, :n].tolist() for i in range(len(packed)) if (n := int(packed.lengths[i])) >= 2]
 
@@ -183,24 +252,33 @@ def run_audit(args: argparse.Namespace) -> int:
         import vaultgemma_hf  # noqa: F401  (registers VaultGemma with the Auto classes)
         from vaultgemma_hf.privacy_eval.audit import run_privacy_audit
         from vaultgemma_hf.privacy_eval.canaries import check_canaries_fit, load_canaries
+        from vaultgemma_hf.privacy_eval.model_card import model_card_with_audit
 
         _check_output_path(args.output)
+        if args.output and Path(args.output).resolve() == Path(args.canaries).resolve():
+            raise UsageError("--output would overwrite the canary file.")
         if args.heldout_file and not args.train_file:
             raise UsageError("--heldout-file needs --train-file (membership inference compares the two).")
-        if args.exposure_references < 0:
-            raise UsageError(f"--exposure-references must be >= 0, got {args.exposure_references}.")
         model_dir = _resolve_pretrained("--model", args.model, need_config=True)
         reference_dir = (
             _resolve_pretrained("--reference-model", args.reference_model, need_config=True)
             if args.reference_model
             else None
         )
+        if args.write_model_card and not os.access(model_dir, os.W_OK):
+            raise UsageError(f"--write-model-card: cannot write in {model_dir}.")
         device = _resolve_device(args.device) or "cpu"
         canary_set = load_canaries(args.canaries)
-        claimed_epsilon, delta = _claim(model_dir, args.epsilon, args.delta)
+        m = len(canary_set.canaries)
+        if args.guesses and any(2 * k > m for k in args.guesses):
+            raise UsageError(f"--guesses: each value must be at most {m // 2} for {m} canaries, got {args.guesses}.")
+        state = _read_state(model_dir)
+        claimed_epsilon, delta = _claim(model_dir, state, args.epsilon, args.delta)
+        sampling = state.get("sampling") if isinstance(state.get("sampling"), str) else None
+        seq_len = args.seq_len or (state.get("seq_len") if isinstance(state.get("seq_len"), int) else None) or 1024
 
         def load(path: str):
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, dtype=getattr(torch, args.dtype))
             check_canaries_fit(canary_set, model.config.vocab_size)
             return model.to(device).eval()
 
@@ -210,8 +288,8 @@ def run_audit(args: argparse.Namespace) -> int:
         if args.train_file:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
             limit = getattr(model.config, "max_position_embeddings", None)
-            training = _load_sequences(args.train_file, tokenizer, args, limit)
-            heldout = _load_sequences(args.heldout_file, tokenizer, args, limit)
+            training = _load_sequences(args.train_file, tokenizer, args.text_field, seq_len, limit)
+            heldout = _load_sequences(args.heldout_file, tokenizer, args.text_field, seq_len, limit)
         report = run_privacy_audit(
             model,
             canary_set,
@@ -219,24 +297,39 @@ def run_audit(args: argparse.Namespace) -> int:
             claimed_epsilon=claimed_epsilon,
             delta=delta,
             significance=args.significance,
+            sampling=sampling,
             guesses_per_side=args.guesses,
             num_exposure_references=args.exposure_references,
             training_sequences=training,
             heldout_sequences=heldout,
+            max_data_sequences=args.max_sequences,
             extraction_prefix_len=args.prefix_len,
             extraction_suffix_len=args.suffix_len,
-            max_extraction_sequences=args.max_extraction,
             batch_size=args.batch_size,
             seed=args.seed,
         )
+        card = model_card_with_audit(model_dir, report) if args.write_model_card else None  # read before writing
         with atomic_output(args.output) as stream:
             stream.write(report.to_json())
-        if args.write_model_card:
-            from vaultgemma_hf.privacy_eval.model_card import write_audit_to_model_card
+        if card is not None:
+            from vaultgemma_hf.trainer.model_card import atomic_write_text
 
-            card = write_audit_to_model_card(model_dir, report)
-            print(f"Wrote the audit section of {card}.", file=sys.stderr)
+            atomic_write_text(card[0], card[1])
+            print(f"Wrote the audit section of {card[0]}.", file=sys.stderr)
     except (ValueError, OSError) as err:
         return _error("run", err)
+    for name, result in (report.extraction or {}).items():
+        if result["num_tested"] == 0:
+            print(
+                f"warning: no {name} sequence has {args.prefix_len + args.suffix_len} tokens; the extraction test "
+                "did not run on them (lower --prefix-len/--suffix-len).",
+                file=sys.stderr,
+            )
+    if sampling == "shuffle":
+        print(
+            "warning: this model was trained with sampling='shuffle', whose guarantee is for zero-out adjacency; "
+            "the canary test is add/remove adjacency, so it cannot refute that claim.",
+            file=sys.stderr,
+        )
     print(report.verdict_text, file=sys.stderr)
-    return 1 if report.verdict == "violation" else 0
+    return 3 if report.verdict == "violation" else 0

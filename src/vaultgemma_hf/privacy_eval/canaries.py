@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +84,7 @@ class CanarySet:
 
     def draw_references(self, count: int, seed: int | None = None) -> list[tuple[int, ...]]:
         """Fresh canaries from the same distribution, never trained on (references for exposure)."""
-        return [tuple(t) for t in _draw_tokens(self, count, seed)]
+        return [tuple(t) for t in _draw_tokens(self, count, np.random.default_rng(seed))]
 
 
 def _allowed_tokens(vocab_size: int, excluded: Iterable[int]) -> np.ndarray:
@@ -95,8 +94,7 @@ def _allowed_tokens(vocab_size: int, excluded: Iterable[int]) -> np.ndarray:
     return allowed
 
 
-def _draw_tokens(spec: CanarySet, count: int, seed: int | None) -> list[list[int]]:
-    rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
+def _draw_tokens(spec: CanarySet, count: int, rng: np.random.Generator) -> list[list[int]]:
     allowed = _allowed_tokens(spec.vocab_size, spec.excluded_token_ids)
     body = allowed[rng.integers(0, allowed.size, size=(count, spec.length))]
     prefix = [] if spec.bos_token_id is None else [spec.bos_token_id]
@@ -131,10 +129,10 @@ def make_canaries(
         raise ValueError(f"length must be >= 1, got {length}.")
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
-    rng = np.random.default_rng(secrets.randbits(64) if seed is None else seed)
+    rng = np.random.default_rng(seed)  # seed=None: 128 bits of fresh OS entropy
     spec = CanarySet((), int(vocab_size), tuple(sorted(set(excluded_token_ids))), int(length), bos_token_id)
-    tokens = _draw_tokens(spec, num_canaries, int(rng.integers(2**63)))
-    coins = rng.random(num_canaries) < 0.5
+    tokens = _draw_tokens(spec, num_canaries, rng)
+    coins = rng.integers(0, 2, size=num_canaries).astype(bool)  # independent fair coins
     canaries = tuple(Canary(i, tuple(t), bool(c)) for i, (t, c) in enumerate(zip(tokens, coins, strict=True)))
     return CanarySet(canaries, spec.vocab_size, spec.excluded_token_ids, spec.length, bos_token_id)
 
@@ -162,6 +160,28 @@ def save_canaries(path: str | os.PathLike, canary_set: CanarySet) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_header(path: Path, header: dict[str, Any]) -> None:
+    vocab_size, length, bos = header.get("vocab_size"), header.get("length"), header.get("bos_token_id")
+    excluded, count = header.get("excluded_token_ids"), header.get("num_canaries")
+    problems = []
+    if not (_is_int(vocab_size) and vocab_size >= 2):
+        problems.append(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
+    if not (_is_int(length) and length >= 1):
+        problems.append(f"length must be an integer >= 1, got {length!r}")
+    if not (bos is None or (_is_int(bos) and bos >= 0)):
+        problems.append(f"bos_token_id must be null or a token id, got {bos!r}")
+    if not (isinstance(excluded, list) and all(_is_int(t) and t >= 0 for t in excluded)):
+        problems.append(f"excluded_token_ids must be a list of token ids, got {excluded!r}")
+    if not (_is_int(count) and count >= 2):
+        problems.append(f"num_canaries must be an integer >= 2, got {count!r}")
+    if problems:
+        raise ValueError(f"{path}: malformed canary header: " + "; ".join(problems) + ".")
+
+
 def load_canaries(path: str | os.PathLike) -> CanarySet:
     """Reads a file written by [`save_canaries`]; raises `ValueError` naming the line of any malformed content."""
     path = Path(path)
@@ -177,31 +197,33 @@ def load_canaries(path: str | os.PathLike) -> CanarySet:
     if not records or not isinstance(records[0], dict) or records[0].get("format") != CANARY_FILE_FORMAT:
         raise ValueError(f"{path}: not a canary file (its first line must be a {CANARY_FILE_FORMAT!r} header).")
     header = records[0]
-    vocab_size, length, bos = header.get("vocab_size"), header.get("length"), header.get("bos_token_id")
+    _check_header(path, header)
+    vocab_size, length, bos = header["vocab_size"], header["length"], header["bos_token_id"]
+    excluded = set(header["excluded_token_ids"])
     canaries = []
     for line_no, record in enumerate(records[1:], 2):
-        ok = (
-            isinstance(record, dict)
-            and isinstance(record.get("token_ids"), list)
-            and isinstance(record.get("included"), bool)
-        )
-        tokens = record.get("token_ids") if ok else None
-        if not ok or not all(isinstance(t, int) and 0 <= t < vocab_size for t in tokens):
-            raise ValueError(f"{path}:{line_no}: expected token ids in [0, {vocab_size}) and a boolean 'included'.")
-        if len(tokens) != length + (bos is not None) or record.get("index") != line_no - 2:
-            raise ValueError(f"{path}:{line_no}: canary length or index does not match the header.")
+        ok = isinstance(record, dict) and isinstance(record.get("token_ids"), list)
+        ok = ok and isinstance(record.get("included"), bool)
+        tokens = record["token_ids"] if ok else []
+        prefix = [] if bos is None else [bos]
+        body = tokens[len(prefix) :]
+        if not ok or not all(_is_int(t) and 0 <= t < vocab_size and t not in excluded for t in body):
+            raise ValueError(
+                f"{path}:{line_no}: expected token ids in [0, {vocab_size}) outside excluded_token_ids, and a "
+                "boolean 'included'."
+            )
+        if (
+            len(tokens) != length + len(prefix)
+            or tokens[: len(prefix)] != prefix
+            or record.get("index") != line_no - 2
+        ):
+            raise ValueError(f"{path}:{line_no}: canary length, BOS or index does not match the header.")
         canaries.append(Canary(line_no - 2, tuple(tokens), record["included"]))
-    if len(canaries) != header.get("num_canaries"):
+    if len(canaries) != header["num_canaries"]:
         raise ValueError(
-            f"{path}: the header announces {header.get('num_canaries')} canaries, the file has {len(canaries)}."
+            f"{path}: the header announces {header['num_canaries']} canaries, the file has {len(canaries)}."
         )
-    return CanarySet(
-        tuple(canaries),
-        int(vocab_size),
-        tuple(header.get("excluded_token_ids", ())),
-        int(length),
-        bos,
-    )
+    return CanarySet(tuple(canaries), vocab_size, tuple(sorted(excluded)), length, bos)
 
 
 def check_canaries_fit(canary_set: CanarySet, vocab_size: int) -> None:

@@ -12,14 +12,14 @@ from pathlib import Path
 from vaultgemma_hf.privacy_eval.audit import AuditReport
 from vaultgemma_hf.trainer.model_card import atomic_write_text
 
-__all__ = ["AUDIT_BEGIN", "AUDIT_END", "render_audit_section", "write_audit_to_model_card"]
+__all__ = ["AUDIT_BEGIN", "AUDIT_END", "model_card_with_audit", "render_audit_section", "write_audit_to_model_card"]
 
 AUDIT_BEGIN = "<!-- vaultgemma-hf privacy audit: begin -->"
 AUDIT_END = "<!-- vaultgemma-hf privacy audit: end -->"
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def render_audit_section(report: AuditReport) -> str:
@@ -41,11 +41,16 @@ def render_audit_section(report: AuditReport) -> str:
         ),
         ("Membership score", report.score),
         ("Canary membership inference: AUC", f"{mia['auc']:.3f} (0.5 = chance)"),
-        ("TPR at FPR 1% / 0.1%", f"{_pct(mia['tpr_at_fpr']['0.01'])} / {_pct(mia['tpr_at_fpr']['0.001'])}"),
         (
-            "Canary exposure (median / max, bits)",
-            f"{exposure['median']:.2f} / {exposure['max']:.2f} (≈{exposure['no_memorisation_mean']:.2f} without "
-            f"memorisation; at most {exposure['max_measurable']:.2f} with {exposure['num_references']} references)",
+            "TPR at FPR 10% / 1% / 0.1%",
+            " / ".join(_pct(mia["tpr_at_fpr"][level]) for level in ("0.1", "0.01", "0.001"))
+            + " (n/a: fewer held-out canaries than 1/FPR)",
+        ),
+        (
+            "Canary exposure (mean / max, bits)",
+            f"{exposure['mean']:.2f} / {exposure['max']:.2f} (mean {exposure['expected_without_memorisation']:.2f} "
+            f"without memorisation; at most {exposure['max_measurable']:.2f} with {exposure['num_references']} "
+            "references)",
         ),
     ]
     if report.training_data is not None:
@@ -57,13 +62,15 @@ def render_audit_section(report: AuditReport) -> str:
             )
         )
     for name, result in (report.extraction or {}).items():
-        rows.append(
-            (
-                f"Extraction, {name} sequences ({result['prefix_len']}-token prefix → {result['suffix_len']} tokens)",
+        title = f"Extraction, {name} sequences ({result['prefix_len']}-token prefix → {result['suffix_len']} tokens)"
+        if result["num_tested"] == 0:
+            value = f"not measured: none of the {result['num_skipped']} sequences is long enough"
+        else:
+            value = (
                 f"exact {_pct(result['exact_rate'])}, within {result['max_edit_fraction']:.0%} edit distance "
-                f"{_pct(result['approximate_rate'])} of {result['num_tested']} tested",
+                f"{_pct(result['approximate_rate'])} of {result['num_tested']} tested"
             )
-        )
+        rows.append((title, value))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
     return (
         f"{AUDIT_BEGIN}\n## Empirical privacy audit\n\n"
@@ -75,15 +82,26 @@ def render_audit_section(report: AuditReport) -> str:
     )
 
 
-def write_audit_to_model_card(model_dir: str | os.PathLike, report: AuditReport) -> Path:
-    """Adds (or replaces) the audit section of ``model_dir/README.md``, atomically; returns the card's path."""
+def model_card_with_audit(model_dir: str | os.PathLike, report: AuditReport) -> tuple[Path, str]:
+    """The path of ``model_dir/README.md`` and its text with the audit section added or replaced (nothing written).
+
+    Raises:
+        ValueError: the card has a begin marker without its end marker (edited by hand: fix it first).
+        OSError: the card exists but cannot be read.
+    """
     path = Path(model_dir) / "README.md"
     section = render_audit_section(report)
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
     start, end = text.find(AUDIT_BEGIN), text.find(AUDIT_END)
-    if start != -1 and end > start:
-        text = text[:start] + section + text[end + len(AUDIT_END) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section
+    if start == -1:
+        return path, text.rstrip("\n") + ("\n\n" if text else "") + section
+    if end < start:
+        raise ValueError(f"{path}: its audit section has a begin marker but no end marker ({AUDIT_END!r}).")
+    return path, text[:start] + section + text[end + len(AUDIT_END) :].lstrip("\n")
+
+
+def write_audit_to_model_card(model_dir: str | os.PathLike, report: AuditReport) -> Path:
+    """Adds (or replaces) the audit section of ``model_dir/README.md``, atomically; returns the card's path."""
+    path, text = model_card_with_audit(model_dir, report)
     atomic_write_text(path, text)
     return path

@@ -70,39 +70,36 @@ def sequence_log_perplexity(
 
 @torch.no_grad()
 def greedy_continuations(
-    model: torch.nn.Module,
-    prefixes: Sequence[Sequence[int]],
-    num_tokens: int,
-    batch_size: int = 8,
-    pad_token_id: int = 0,
+    model: torch.nn.Module, prefixes: Sequence[Sequence[int]], num_tokens: int, batch_size: int = 8
 ) -> list[list[int]]:
-    """Greedy (argmax) continuation of exactly `num_tokens` tokens for each prefix, never stopping at EOS.
+    """Greedy (argmax) continuation of exactly `num_tokens` tokens for each prefix.
 
-    A memorisation test compares these with the true continuation; stopping early at an EOS would make a
-    memorised EOS count as a miss, so `generate` gets a generation config of its own: greedy, fixed length, and
-    an empty EOS list (``None`` would fall back to the model's EOS). All prefixes must have the same length, so no padding is involved.
+    A plain argmax loop over the model's logits, not `generate()`: `generate` fills unset options from the model's
+    own `generation_config` (a checkpoint's `repetition_penalty`, `no_repeat_ngram_size`, `suppress_tokens` or EOS
+    would change or stop the continuation), while a memorisation test needs the model's raw argmax, and a memorised
+    EOS must not end it early. Each step re-runs the whole sequence (no KV cache, so no cache API is involved);
+    that is cheap at the extraction test's length (100 tokens). All prefixes must have the same length, so no
+    padding is involved.
 
     Returns:
         `list[list[int]]`: the generated tokens of each prefix.
     """
-    from transformers import GenerationConfig
-
     if num_tokens < 1:
         raise ValueError(f"num_tokens must be >= 1, got {num_tokens}.")
     lengths = {len(p) for p in prefixes}
     if len(lengths) > 1 or 0 in lengths:
         raise ValueError("All prefixes must be non-empty and of the same length.")
-    config = GenerationConfig(do_sample=False, max_new_tokens=num_tokens, eos_token_id=[], pad_token_id=pad_token_id)
     device, was_training = _device_of(model), model.training
     model.eval()
     results: list[list[int]] = []
     try:
         for batch in _batches([list(p) for p in prefixes], batch_size):
             ids = torch.as_tensor(batch, dtype=torch.long, device=device)
-            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
-            if out.shape[1] != ids.shape[1] + num_tokens:
-                raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} tokens, expected {num_tokens}.")
-            results.extend(out[:, ids.shape[1] :].tolist())
+            start = ids.shape[1]
+            for _ in range(num_tokens):
+                logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+                ids = torch.cat([ids, logits[:, -1, :].argmax(dim=-1, keepdim=True)], dim=1)
+            results.extend(ids[:, start:].tolist())
     finally:
         model.train(was_training)
     return results

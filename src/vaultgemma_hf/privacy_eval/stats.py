@@ -163,7 +163,7 @@ def one_run_epsilon_lower_bound(
 
     The p-value increases with ε, so the rejected set is [0, ε*) and ε* is found by doubling an upper
     bracket and then Brent's method (absolute tolerance 1e-6). With probability >= 1 - significance over
-    the canary inclusion, an (ε, δ)-DP run yields a bound <= its true ε.
+    the canary coins and the training randomness, an (ε, δ)-DP run yields a bound <= its true ε.
 
     Args:
         num_canaries: m, the number of randomly included canaries.

@@ -425,6 +425,7 @@ class DPTrainer(Trainer):
             "max_physical_batch": self._max_physical_batch() if args.sampling == "truncated_poisson" else None,
             "dataset_size": self._dp_num_units,
             "privacy_unit": args.privacy_unit,
+            "seq_len": self._dp_seq_len,
             "dataset_sha256": self._dataset_sha256(),
             "dp_accounting_version": _dp_accounting_version(),
         }
