@@ -66,7 +66,13 @@ def test_audit_commands_end_to_end(tmp_path, tiny_model_dir, corpus, capsys):
     # The training sequences are packed as in training: --seq-len defaults to the run's (32, from dp_state.json).
     packed = pack_documents(read_documents(str(train))[0], tokenizer, seq_len=state["seq_len"])
     assert state["seq_len"] == 32 and report["training_data"]["num_members"] == len(packed)
-    assert "claims no guarantee" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "claims no guarantee" in err and "may not be this run's" not in err
+    # The wrong training file (or canary file) for this run is pointed out.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(heldout.read_text().splitlines(keepends=True)[:10]))
+    assert main([*argv, "--train-file", str(other), "--output", str(report_path)]) == 0
+    assert "may not be this run's" in capsys.readouterr().err
 
     # The same model presented as (0.1, 1e-5)-DP is refuted: exit code 3, the report is still written.
     assert main([*argv, "--epsilon", "0.1", "--output", str(report_path)]) == 3

@@ -233,14 +233,15 @@ def _claim(model_dir: str, state: dict[str, Any], epsilon: float | None, delta: 
 
 def _load_sequences(path: str | None, tokenizer: Any, text_field: str, seq_len: int, max_positions: int | None):
     if path is None:
-        return None
+        return None, 0
     from vaultgemma_hf.cli.train import read_documents
     from vaultgemma_hf.data.packing import pack_documents
 
     documents, _ = read_documents(path, text_field)
     packed = pack_documents(documents, tokenizer, seq_len=seq_len, max_position_embeddings=max_positions)
-    # A one-token remainder has no next-token loss to score; it is left out.
-    return [packed.input_ids[i, :n].tolist() for i in range(len(packed)) if (n := int(packed.lengths[i])) >= 2]
+    # A one-token remainder has no next-token loss to score; it is left out (but counted as packed).
+    sequences = [packed.input_ids[i, :n].tolist() for i in range(len(packed)) if (n := int(packed.lengths[i])) >= 2]
+    return sequences, len(packed)
 
 
 def run_audit(args: argparse.Namespace) -> int:
@@ -288,8 +289,16 @@ def run_audit(args: argparse.Namespace) -> int:
         if args.train_file:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
             limit = getattr(model.config, "max_position_embeddings", None)
-            training = _load_sequences(args.train_file, tokenizer, args.text_field, seq_len, limit)
-            heldout = _load_sequences(args.heldout_file, tokenizer, args.text_field, seq_len, limit)
+            training, num_packed = _load_sequences(args.train_file, tokenizer, args.text_field, seq_len, limit)
+            heldout = _load_sequences(args.heldout_file, tokenizer, args.text_field, seq_len, limit)[0]
+            expected = num_packed + len(canary_set.included)
+            if state.get("privacy_unit") == "sequence" and state.get("dataset_size") not in (None, expected):
+                print(
+                    f"warning: {args.train_file} packs into {num_packed} sequences and the canary file includes "
+                    f"{len(canary_set.included)}, but the run trained on {state['dataset_size']}: the training file, "
+                    "its packing options or the canary file may not be this run's.",
+                    file=sys.stderr,
+                )
         report = run_privacy_audit(
             model,
             canary_set,
