@@ -48,7 +48,7 @@ def main() -> int:
     step(
         "1. draw privacy-audit canaries",
         ["audit", "canaries", "--model", str(TINY_MODEL_DIR), "--num-canaries", "100", "--length", "16", "--output",
-         str(canaries)],
+         str(canaries), "--overwrite"],  # the demo trains again from scratch each time
     )  # fmt: skip
     step(
         "2. plan the privacy budget",

@@ -31,7 +31,7 @@ TRAIN_FLAGS = [
 ]  # fmt: skip
 
 
-def test_audit_commands_end_to_end(tmp_path, tiny_model_dir, corpus, capsys):
+def test_audit_commands_end_to_end(tmp_path, tiny_model_dir, corpus, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
     train, heldout = corpus
@@ -88,6 +88,23 @@ def test_audit_commands_end_to_end(tmp_path, tiny_model_dir, corpus, capsys):
     assert "| Canary membership inference: AUC |" in card and "claims no guarantee" in card
     assert "Extraction, heldout sequences (8-token prefix → 8 tokens)" in card
 
+    # A usage error with --write-model-card touches neither the card nor the report.
+    report_path.unlink()
+    assert main([*argv, "--write-model-card", "--guesses", "31", "--output", str(report_path)]) == 2
+    assert (out / "README.md").read_text() == card and not report_path.exists()
+    # A card that cannot be written after the audit: the report stands, and so does the verdict's exit code.
+    import vaultgemma_hf.trainer.model_card as trainer_card
+
+    def refuse(*_args, **_kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(trainer_card, "atomic_write_text", refuse)
+    capsys.readouterr()
+    assert main([*argv, "--epsilon", "0.1", "--write-model-card", "--output", str(report_path)]) == 3
+    assert json.loads(report_path.read_text())["verdict"] == "violation"
+    assert "the model card is not: read-only file system" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == card
+
 
 def test_audit_commands_refuse_bad_input_and_write_nothing(tmp_path, tiny_model_dir, corpus, capsys):
     train, _ = corpus
@@ -119,6 +136,22 @@ def test_audit_commands_refuse_bad_input_and_write_nothing(tmp_path, tiny_model_
                  "--output-dir", str(tmp_path / "o"), "--noise-multiplier", "1", "--max-steps", "1", *TRAIN_FLAGS])  # fmt: skip
     assert code == 2 and "drawn from 1024 token ids" in capsys.readouterr().err
     assert main(["audit"]) == 2
+    # An existing canary file (the coins of a run perhaps already trained) is not replaced without --overwrite.
+    before = canaries.read_text()
+    make = ["audit", "canaries", "--model", str(tiny_model_dir), "--num-canaries", "10", "--output", str(canaries)]
+    assert main(make) == 2 and "--overwrite" in capsys.readouterr().err and canaries.read_text() == before
+    assert main([*make, "--overwrite"]) == 0 and canaries.read_text() != before
+    nested = tmp_path / "a" / "b" / "c.jsonl"
+    assert main([*make[:-1], str(nested)]) == 0 and load_canaries(nested)
+    # A BOS outside the vocabulary is refused when the file is read.
+    header, *rest = canaries.read_text().splitlines()
+    bad_bos = tmp_path / "bad_bos.jsonl"
+    bad_bos.write_text(
+        "\n".join([header.replace('"bos_token_id": 2', '"bos_token_id": 100000')]
+                  + [line.replace('"token_ids": [2,', '"token_ids": [100000,') for line in rest]) + "\n"
+    )  # fmt: skip
+    assert main(["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(bad_bos)]) == 2
+    assert "bos_token_id must be null or a token id below vocab_size" in capsys.readouterr().err
     assert main(["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(canaries), "--output",
                  str(canaries)]) == 2  # fmt: skip
     assert "would overwrite the canary file" in capsys.readouterr().err and load_canaries(canaries)

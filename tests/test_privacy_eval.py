@@ -25,6 +25,7 @@ from vaultgemma_hf.privacy_eval import (
     greedy_continuations,
     load_canaries,
     make_canaries,
+    one_run_epsilon_lower_bound,
     run_privacy_audit,
     save_canaries,
     sequence_log_perplexity,
@@ -285,27 +286,49 @@ def test_audit_refutes_a_claim_whose_noise_is_too_small(tiny_kwargs, tmp_path):
     )
     assert shuffled.verdict == "not_comparable" and "zero-out" in shuffled.verdict_text
 
-    # Scores do not depend on the coins: flipping every coin turns the AUC into 1 - AUC exactly.
+
+def test_canary_scores_do_not_depend_on_the_coins(tiny_kwargs, monkeypatch):
+    # Every forward pass the audit makes over canaries sees them all, in file order, whatever the coins: a canary's
+    # score cannot depend on the other canaries' coins through batch composition.
+    import vaultgemma_hf.privacy_eval.audit as audit_module
+
+    calls = []
+    real = audit_module.sequence_log_perplexity
+
+    def spy(model, sequences, **kwargs):
+        calls.append([tuple(s) for s in sequences])
+        return real(model, sequences, **kwargs)
+
+    monkeypatch.setattr(audit_module, "sequence_log_perplexity", spy)
+    model, reference = tiny_model(tiny_kwargs, seed=0), tiny_model(tiny_kwargs, seed=1)
+    canary_set = make_canaries(40, 97, length=6, excluded_token_ids=SPECIALS, bos_token_id=2, seed=12)
     flipped = dataclasses.replace(
         canary_set, canaries=tuple(dataclasses.replace(c, included=not c.included) for c in canary_set.canaries)
     )
-    report_flipped = run_privacy_audit(model, flipped, reference_model=reference, guesses_per_side=[40], seed=0)
-    auc, auc_flipped = (r.canaries["membership_inference"]["auc"] for r in (report, report_flipped))
+    reports = []
+    for canaries in (canary_set, flipped):
+        calls.clear()
+        reports.append(run_privacy_audit(model, canaries, reference_model=reference, batch_size=3, seed=0))
+        assert calls == [[c.token_ids for c in canary_set.canaries]] * 2  # the model, then the reference
+    auc, auc_flipped = (r.canaries["membership_inference"]["auc"] for r in reports)
     assert auc_flipped == pytest.approx(1 - auc, abs=1e-12)
 
 
 def test_audit_does_not_refute_dp_trainer_guarantee(tiny_kwargs, tmp_path):
-    canary_set = make_canaries(100, 97, length=16, excluded_token_ids=SPECIALS, bos_token_id=2, seed=8)
+    # 1,000 canaries and k = 100 / 200 per side: a model that gave its canaries away would reach a bound of 3.6 or
+    # more (all guesses right at α/2), well above the claimed ε = 2, so "consistent" is a real outcome here.
+    canary_set = make_canaries(1000, 97, length=8, excluded_token_ids=SPECIALS, bos_token_id=2, seed=8)
     model, reference, trainer = _train_on_canaries(tiny_kwargs, tmp_path, canary_set, target_epsilon=2.0, max_steps=40)
     epsilon = trainer.get_epsilon()
     assert 0 < epsilon <= 2.0
     report = run_privacy_audit(
-        model, canary_set, reference_model=reference, claimed_epsilon=epsilon, guesses_per_side=[5, 10, 25], seed=0
+        model, canary_set, reference_model=reference, claimed_epsilon=epsilon, guesses_per_side=[100, 200], seed=0
     )
-    assert report.verdict == "consistent"
+    assert report.verdict == "consistent" and not report.canaries["one_run"]["claim_refuted"]
     assert report.canaries["one_run"]["epsilon_lower_bound"] <= epsilon
-    assert report.canaries["one_run"]["bonferroni_settings"] == 3
-    assert all(s["significance"] == pytest.approx(0.05 / 3) for s in report.canaries["one_run"]["per_setting"])
+    assert report.canaries["one_run"]["bonferroni_settings"] == 2
+    assert all(s["significance"] == pytest.approx(0.05 / 2) for s in report.canaries["one_run"]["per_setting"])
+    assert min(one_run_epsilon_lower_bound(1000, 2 * k, 2 * k, 1e-5, 0.05 / 2) for k in (100, 200)) > 3.5
 
 
 def test_audit_on_training_data_and_bad_settings(tiny_kwargs):

@@ -55,6 +55,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     make.add_argument("--no-bos", action="store_true", help="Do not start canaries with the BOS token.")
     make.add_argument("--seed", type=int, help="Seed (tests only; by default OS entropy draws tokens and coins).")
     make.add_argument("--output", required=True, help="Canary file to write (JSON Lines, holds the secret coins).")
+    make.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing canary file (its coins are lost for good)."
+    )
     make.set_defaults(func=run_canaries)
 
     run = steps.add_parser("run", help="Audit a trained model against its canaries.")
@@ -89,6 +92,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--train-file", help="The training documents (.jsonl/.txt), packed as for training.")
     data.add_argument("--heldout-file", help="Held-out documents of the same kind (same format).")
     data.add_argument("--text-field", default="text", help="Text key of .jsonl records (default: text).")
+    data.add_argument(
+        "--cross-document-boundaries",
+        type=lambda text: {"true": True, "false": False}[text.lower()],
+        default=True,
+        metavar="{true,false}",
+        help="Pack as training did (`vaultgemma-hf train --cross_document_boundaries`; default true).",
+    )
     data.add_argument(
         "--seq-len",
         type=_positive_int,
@@ -141,6 +151,11 @@ def run_canaries(args: argparse.Namespace) -> int:
         from vaultgemma_hf.privacy_eval.canaries import make_canaries, save_canaries
 
         _check_output_path(args.output)
+        if Path(args.output).exists() and not args.overwrite:
+            raise UsageError(
+                f"--output {args.output} exists: it may hold the secret coins of a run already trained. Pass "
+                "--overwrite to replace it."
+            )
         model_dir = _resolve_pretrained("--model", args.model, need_config=True)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
         vocab_size = AutoConfig.from_pretrained(model_dir).vocab_size
@@ -187,6 +202,8 @@ def _number(state: dict[str, Any], key: str, where: str) -> float:
 def _claim(model_dir: str, state: dict[str, Any], epsilon: float | None, delta: float | None):
     """The claimed (ε, δ): --epsilon (the user's own claim) first, else the trained model's dp_state.json."""
     where = str(Path(model_dir) / "dp_state.json")
+    if delta is not None and not 0.0 <= delta < 1.0:  # also refuses NaN
+        raise UsageError(f"--delta must be in [0, 1), got {delta}.")
     if epsilon is not None:
         if not epsilon > 0:
             raise UsageError(f"--epsilon must be positive, got {epsilon}.")
@@ -222,6 +239,8 @@ def _claim(model_dir: str, state: dict[str, Any], epsilon: float | None, delta: 
                 epsilon = accountant.get_epsilon(delta)
             except (KeyError, TypeError, ValueError) as err:
                 raise UsageError(f"{where}: cannot recompute ε at --delta {delta}: {err}") from None
+            if not epsilon > 0:
+                raise UsageError(f"{where}: the saved accountant has taken no DP step, there is nothing to audit.")
             print(f"Claimed ε at δ={delta:g} recomputed from the saved accountant: {epsilon:.4g}.", file=sys.stderr)
         delta = saved_delta if delta is None else delta
     elif delta is None:
@@ -231,14 +250,20 @@ def _claim(model_dir: str, state: dict[str, Any], epsilon: float | None, delta: 
     return epsilon, delta
 
 
-def _load_sequences(path: str | None, tokenizer: Any, text_field: str, seq_len: int, max_positions: int | None):
+def _load_sequences(path: str | None, tokenizer: Any, args: argparse.Namespace, seq_len: int, limit: int | None):
     if path is None:
         return None, 0
     from vaultgemma_hf.cli.train import read_documents
     from vaultgemma_hf.data.packing import pack_documents
 
-    documents, _ = read_documents(path, text_field)
-    packed = pack_documents(documents, tokenizer, seq_len=seq_len, max_position_embeddings=max_positions)
+    documents, _ = read_documents(path, args.text_field)
+    packed = pack_documents(
+        documents,
+        tokenizer,
+        seq_len=seq_len,
+        cross_document_boundaries=args.cross_document_boundaries,
+        max_position_embeddings=limit,
+    )
     # A one-token remainder has no next-token loss to score; it is left out (but counted as packed).
     sequences = [packed.input_ids[i, :n].tolist() for i in range(len(packed)) if (n := int(packed.lengths[i])) >= 2]
     return sequences, len(packed)
@@ -266,9 +291,13 @@ def run_audit(args: argparse.Namespace) -> int:
             if args.reference_model
             else None
         )
-        if args.write_model_card and not os.access(model_dir, os.W_OK):
-            raise UsageError(f"--write-model-card: cannot write in {model_dir}.")
-        device = _resolve_device(args.device) or "cpu"
+        if args.write_model_card:  # checked before hours of scoring, not after
+            from vaultgemma_hf.privacy_eval.model_card import check_model_card
+
+            if not os.access(model_dir, os.W_OK):
+                raise UsageError(f"--write-model-card: cannot write in {model_dir}.")
+            check_model_card(model_dir)
+        device = _resolve_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")  # auto: one device
         canary_set = load_canaries(args.canaries)
         m = len(canary_set.canaries)
         if args.guesses and any(2 * k > m for k in args.guesses):
@@ -289,8 +318,8 @@ def run_audit(args: argparse.Namespace) -> int:
         if args.train_file:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
             limit = getattr(model.config, "max_position_embeddings", None)
-            training, num_packed = _load_sequences(args.train_file, tokenizer, args.text_field, seq_len, limit)
-            heldout = _load_sequences(args.heldout_file, tokenizer, args.text_field, seq_len, limit)[0]
+            training, num_packed = _load_sequences(args.train_file, tokenizer, args, seq_len, limit)
+            heldout = _load_sequences(args.heldout_file, tokenizer, args, seq_len, limit)[0]
             expected = num_packed + len(canary_set.included)
             if state.get("privacy_unit") == "sequence" and state.get("dataset_size") not in (None, expected):
                 print(
@@ -320,13 +349,19 @@ def run_audit(args: argparse.Namespace) -> int:
         card = model_card_with_audit(model_dir, report) if args.write_model_card else None  # read before writing
         with atomic_output(args.output) as stream:
             stream.write(report.to_json())
-        if card is not None:
-            from vaultgemma_hf.trainer.model_card import atomic_write_text
-
-            atomic_write_text(card[0], card[1])
-            print(f"Wrote the audit section of {card[0]}.", file=sys.stderr)
     except (ValueError, OSError) as err:
         return _error("run", err)
+    if card is not None:  # after the report: a failure here is reported, and the verdict's exit code still stands
+        from vaultgemma_hf.trainer.model_card import atomic_write_text
+
+        try:
+            atomic_write_text(card[0], card[1])
+            print(f"Wrote the audit section of {card[0]}.", file=sys.stderr)
+        except OSError as err:
+            print(
+                f"vaultgemma-hf audit run: warning: the report is written, the model card is not: {err}",
+                file=sys.stderr,
+            )
     for name, result in (report.extraction or {}).items():
         if result["num_tested"] == 0:
             print(

@@ -129,6 +129,8 @@ def make_canaries(
         raise ValueError(f"length must be >= 1, got {length}.")
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2, got {vocab_size}.")
+    if bos_token_id is not None and not 0 <= bos_token_id < vocab_size:
+        raise ValueError(f"bos_token_id {bos_token_id} is not a token id of a {vocab_size}-token vocabulary.")
     rng = np.random.default_rng(seed)  # seed=None: 128 bits of fresh OS entropy
     spec = CanarySet((), int(vocab_size), tuple(sorted(set(excluded_token_ids))), int(length), bos_token_id)
     tokens = _draw_tokens(spec, num_canaries, rng)
@@ -152,6 +154,7 @@ def save_canaries(path: str | os.PathLike, canary_set: CanarySet) -> None:
         for c in canary_set.canaries
     ]
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -172,8 +175,8 @@ def _check_header(path: Path, header: dict[str, Any]) -> None:
         problems.append(f"vocab_size must be an integer >= 2, got {vocab_size!r}")
     if not (_is_int(length) and length >= 1):
         problems.append(f"length must be an integer >= 1, got {length!r}")
-    if not (bos is None or (_is_int(bos) and bos >= 0)):
-        problems.append(f"bos_token_id must be null or a token id, got {bos!r}")
+    if not (bos is None or (_is_int(bos) and 0 <= bos < (vocab_size if _is_int(vocab_size) else bos + 1))):
+        problems.append(f"bos_token_id must be null or a token id below vocab_size, got {bos!r}")
     if not (isinstance(excluded, list) and all(_is_int(t) and t >= 0 for t in excluded)):
         problems.append(f"excluded_token_ids must be a list of token ids, got {excluded!r}")
     if not (_is_int(count) and count >= 2):

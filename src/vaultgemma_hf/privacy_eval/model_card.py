@@ -12,7 +12,14 @@ from pathlib import Path
 from vaultgemma_hf.privacy_eval.audit import AuditReport
 from vaultgemma_hf.trainer.model_card import atomic_write_text
 
-__all__ = ["AUDIT_BEGIN", "AUDIT_END", "model_card_with_audit", "render_audit_section", "write_audit_to_model_card"]
+__all__ = [
+    "AUDIT_BEGIN",
+    "AUDIT_END",
+    "check_model_card",
+    "model_card_with_audit",
+    "render_audit_section",
+    "write_audit_to_model_card",
+]
 
 AUDIT_BEGIN = "<!-- vaultgemma-hf privacy audit: begin -->"
 AUDIT_END = "<!-- vaultgemma-hf privacy audit: end -->"
@@ -92,12 +99,25 @@ def model_card_with_audit(model_dir: str | os.PathLike, report: AuditReport) -> 
     path = Path(model_dir) / "README.md"
     section = render_audit_section(report)
     text = path.read_text(encoding="utf-8") if path.exists() else ""
-    start, end = text.find(AUDIT_BEGIN), text.find(AUDIT_END)
+    start, end = _section_bounds(path, text)
     if start == -1:
         return path, text.rstrip("\n") + ("\n\n" if text else "") + section
-    if end < start:
-        raise ValueError(f"{path}: its audit section has a begin marker but no end marker ({AUDIT_END!r}).")
     return path, text[:start] + section + text[end + len(AUDIT_END) :].lstrip("\n")
+
+
+def _section_bounds(path: Path, text: str) -> tuple[int, int]:
+    start = text.find(AUDIT_BEGIN)
+    end = text.find(AUDIT_END, start) if start != -1 else -1
+    if start != -1 and end == -1:
+        raise ValueError(f"{path}: its audit section has a begin marker but no end marker ({AUDIT_END!r}).")
+    return start, end
+
+
+def check_model_card(model_dir: str | os.PathLike) -> None:
+    """Raises before any work if ``model_dir/README.md`` cannot take an audit section (unreadable, broken markers)."""
+    path = Path(model_dir) / "README.md"
+    if path.exists():
+        _section_bounds(path, path.read_text(encoding="utf-8"))
 
 
 def write_audit_to_model_card(model_dir: str | os.PathLike, report: AuditReport) -> Path:

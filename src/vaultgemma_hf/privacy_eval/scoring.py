@@ -62,7 +62,11 @@ def sequence_log_perplexity(
             ids, mask = ids.to(device), mask.to(device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-            out.append(per_example_causal_lm_loss(logits, labels).double().cpu().numpy())
+            # One row at a time: the loss's fp32 copies and log-softmax then cost one sequence's logits, not a
+            # batch's (the batch's logits themselves are the peak: batch × length × vocabulary).
+            losses = [per_example_causal_lm_loss(logits[i : i + 1], labels[i : i + 1]) for i in range(len(batch))]
+            out.append(torch.cat(losses).float().cpu().numpy().astype(np.float64))  # (MPS has no float64)
+            del logits
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0)
