@@ -36,9 +36,18 @@ from vaultgemma_hf.trainer import DPTrainer, DPTrainingArguments
 SPECIALS = (0, 1, 2, 3)
 
 
-def tiny_model(tiny_kwargs, seed: int = 0):
+def tiny_model(tiny_kwargs, seed: int = 0, kind: str = "ours"):
     torch.manual_seed(seed)
-    return vaultgemma_hf.VaultGemmaForCausalLM(vaultgemma_hf.VaultGemmaConfig(**tiny_kwargs()))
+    if kind == "transformers":  # the audit knows no model class: transformers' built-in VaultGemma works too
+        import transformers
+
+        return transformers.VaultGemmaForCausalLM(transformers.VaultGemmaConfig(**tiny_kwargs()))
+    model = vaultgemma_hf.VaultGemmaForCausalLM(vaultgemma_hf.VaultGemmaConfig(**tiny_kwargs()))
+    if kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- canaries
@@ -122,8 +131,9 @@ def test_append_canaries_adds_each_included_canary_as_its_own_unit():
 # ------------------------------------------------------------------------------------------------- scoring
 
 
-def test_log_perplexity_matches_transformers_loss_one_sequence_at_a_time(tiny_kwargs):
-    model = tiny_model(tiny_kwargs)
+@pytest.mark.parametrize("kind", ["ours", "transformers", "peft"])
+def test_log_perplexity_matches_transformers_loss_one_sequence_at_a_time(tiny_kwargs, kind):
+    model = tiny_model(tiny_kwargs, kind=kind)
     g = torch.Generator().manual_seed(0)
     sequences = [
         torch.randint(3, 97, (int(n),), generator=g).tolist() for n in torch.randint(2, 30, (11,), generator=g)
@@ -138,10 +148,11 @@ def test_log_perplexity_matches_transformers_loss_one_sequence_at_a_time(tiny_kw
         sequence_log_perplexity(model, [[5]])
 
 
-def test_greedy_continuations_match_generate_ignore_eos_and_the_models_generation_config(tiny_kwargs):
+@pytest.mark.parametrize("kind", ["ours", "transformers"])
+def test_greedy_continuations_match_generate_ignore_eos_and_the_models_generation_config(tiny_kwargs, kind):
     from transformers import GenerationConfig
 
-    model = tiny_model(tiny_kwargs, seed=1)
+    model = tiny_model(tiny_kwargs, seed=1, kind=kind)
     with torch.no_grad():  # make EOS (id 1) the argmax after some prefixes, to check that generation goes on
         model.model.embed_tokens.weight[1] *= 20  # tied with the LM head
     prefixes = torch.randint(3, 97, (5, 7), generator=torch.Generator().manual_seed(2))
