@@ -393,6 +393,12 @@ def test_state_dict_round_trip_is_exact():
     restored.load_state_dict(state)
     assert restored.steps == 37
     assert restored.get_epsilon(1e-6) == acc.get_epsilon(1e-6)
+    rebuilt = PrivacyAccountant.from_state_dict(state)  # parameters and steps from the state alone
+    assert (rebuilt.steps, rebuilt.sampling, rebuilt.sampling_rate) == (37, "truncated_poisson", 0.01)
+    assert rebuilt.get_epsilon(1e-6) == acc.get_epsilon(1e-6)
+    for bad in ([1], {k: v for k, v in state.items() if k != "sampling_rate"}, {**state, "noise_multiplier": None}):
+        with pytest.raises(ValueError, match="accountant state"):
+            PrivacyAccountant.from_state_dict(bad)
 
 
 @pytest.mark.parametrize(

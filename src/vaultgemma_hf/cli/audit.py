@@ -179,8 +179,7 @@ def run_canaries(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_state(model_dir: str) -> dict[str, Any]:
-    path = Path(model_dir) / "dp_state.json"
+def _read_state(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
@@ -192,16 +191,15 @@ def _read_state(model_dir: str) -> dict[str, Any]:
     return state
 
 
-def _number(state: dict[str, Any], key: str, where: str) -> float:
+def _number(state: dict[str, Any], key: str, where: Path) -> float:
     value = state.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
         raise UsageError(f"{where}: {key!r} must be a number, got {value!r}; give --epsilon and --delta instead.")
     return float(value)
 
 
-def _claim(model_dir: str, state: dict[str, Any], epsilon: float | None, delta: float | None):
-    """The claimed (ε, δ): --epsilon (the user's own claim) first, else the trained model's dp_state.json."""
-    where = str(Path(model_dir) / "dp_state.json")
+def _claim(where: Path, state: dict[str, Any], epsilon: float | None, delta: float | None):
+    """The claimed (ε, δ): --epsilon (the user's own claim) first, else the trained model's dp_state.json (`where`)."""
     if delta is not None and not 0.0 <= delta < 1.0:  # also refuses NaN
         raise UsageError(f"--delta must be in [0, 1), got {delta}.")
     if epsilon is not None:
@@ -226,18 +224,8 @@ def _claim(model_dir: str, state: dict[str, Any], epsilon: float | None, delta: 
             if not isinstance(saved, dict):
                 raise UsageError(f"{where}: no accountant state to recompute ε at --delta {delta}.")
             try:
-                accountant = PrivacyAccountant(
-                    float(saved["noise_multiplier"]),
-                    float(saved["sampling_rate"]),
-                    accountant=saved["accountant"],
-                    sampling=saved["sampling"],
-                    dataset_size=saved.get("dataset_size"),
-                    max_batch_size=saved.get("max_batch_size"),
-                    logical_batch_size=saved.get("logical_batch_size"),
-                )
-                accountant.load_state_dict(saved)
-                epsilon = accountant.get_epsilon(delta)
-            except (KeyError, TypeError, ValueError) as err:
+                epsilon = PrivacyAccountant.from_state_dict(saved).get_epsilon(delta)
+            except ValueError as err:
                 raise UsageError(f"{where}: cannot recompute ε at --delta {delta}: {err}") from None
             if not epsilon > 0:
                 raise UsageError(f"{where}: the saved accountant has taken no DP step, there is nothing to audit.")
@@ -279,6 +267,7 @@ def run_audit(args: argparse.Namespace) -> int:
         from vaultgemma_hf.privacy_eval.audit import run_privacy_audit
         from vaultgemma_hf.privacy_eval.canaries import check_canaries_fit, load_canaries
         from vaultgemma_hf.privacy_eval.model_card import model_card_with_audit
+        from vaultgemma_hf.trainer import DP_STATE_NAME
 
         _check_output_path(args.output)
         if args.output and Path(args.output).resolve() == Path(args.canaries).resolve():
@@ -302,8 +291,9 @@ def run_audit(args: argparse.Namespace) -> int:
         m = len(canary_set.canaries)
         if args.guesses and any(2 * k > m for k in args.guesses):
             raise UsageError(f"--guesses: each value must be at most {m // 2} for {m} canaries, got {args.guesses}.")
-        state = _read_state(model_dir)
-        claimed_epsilon, delta = _claim(model_dir, state, args.epsilon, args.delta)
+        state_path = Path(model_dir) / DP_STATE_NAME
+        state = _read_state(state_path)
+        claimed_epsilon, delta = _claim(state_path, state, args.epsilon, args.delta)
         sampling = state.get("sampling") if isinstance(state.get("sampling"), str) else None
         seq_len = args.seq_len or (state.get("seq_len") if isinstance(state.get("seq_len"), int) else None) or 1024
 

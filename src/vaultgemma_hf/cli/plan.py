@@ -135,11 +135,10 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         dataset_size = args.dataset_size
     if args.canary_file:
-        from vaultgemma_hf.privacy_eval.canaries import load_canaries
+        from vaultgemma_hf.privacy_eval.canaries import check_canaries_fit, load_canaries
 
         canary_set = load_canaries(args.canary_file)
-        if canary_set.length + (canary_set.bos_token_id is not None) > args.seq_len:
-            raise ValueError(f"The canaries of {args.canary_file} do not fit in --seq-len {args.seq_len} tokens.")
+        check_canaries_fit(canary_set, seq_len=args.seq_len)
         included = len(canary_set.included)
         dataset_size += included
         print(f"{args.canary_file}: {included} audit canaries to include; N = {dataset_size:,}.", file=sys.stderr)

@@ -165,9 +165,7 @@ def _train(data_args: TrainDataArguments, training_args: DPTrainingArguments) ->
         from vaultgemma_hf.privacy_eval.canaries import append_canaries, check_canaries_fit, load_canaries
 
         canary_set = load_canaries(data_args.canary_file)
-        check_canaries_fit(canary_set, model.config.vocab_size)
-        if canary_set.length + (canary_set.bos_token_id is not None) > data_args.seq_len:
-            raise ValueError(f"The canaries do not fit in --seq-len {data_args.seq_len} tokens.")
+        check_canaries_fit(canary_set, model.config.vocab_size, data_args.seq_len)
     train_dataset = load(data_args.train_file)
     if canary_set is not None:
         before = len(train_dataset)

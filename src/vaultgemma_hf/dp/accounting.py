@@ -986,6 +986,30 @@ class PrivacyAccountant:
             "dp_accounting_version": dp_accounting_version(),
         }
 
+    @classmethod
+    def from_state_dict(cls, state: dict) -> PrivacyAccountant:
+        """Rebuilds an accountant from [`state_dict`]'s output: its parameters, then its steps.
+
+        Raises:
+            ValueError: If the state is malformed.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"accountant state must be a dict, got {type(state).__name__}.")
+        try:
+            accountant = cls(
+                float(state["noise_multiplier"]),
+                float(state["sampling_rate"]),
+                accountant=state["accountant"],
+                sampling=state["sampling"],
+                dataset_size=state.get("dataset_size"),
+                max_batch_size=state.get("max_batch_size"),
+                logical_batch_size=state.get("logical_batch_size"),
+            )
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"malformed accountant state: {err!r}.") from None
+        accountant.load_state_dict(state)
+        return accountant
+
     def load_state_dict(self, state: dict) -> None:
         """Restores the steps of a saved run; refuses a state whose privacy parameters differ from this one's.
 

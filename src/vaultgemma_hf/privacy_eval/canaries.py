@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vaultgemma_hf.data.packing import PackedDataset
+from vaultgemma_hf.trainer.model_card import atomic_write_text
 
 __all__ = [
     "CANARY_FILE_FORMAT",
@@ -71,6 +72,11 @@ class CanarySet:
     excluded_token_ids: tuple[int, ...]
     length: int
     bos_token_id: int | None
+
+    @property
+    def width(self) -> int:
+        """Tokens per canary sequence: the random tokens plus the BOS, if any."""
+        return self.length + (self.bos_token_id is not None)
 
     @property
     def included(self) -> list[Canary]:
@@ -153,14 +159,7 @@ def save_canaries(path: str | os.PathLike, canary_set: CanarySet) -> None:
         json.dumps({"index": c.index, "token_ids": list(c.token_ids), "included": c.included})
         for c in canary_set.canaries
     ]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _is_int(value: Any) -> bool:
@@ -229,12 +228,17 @@ def load_canaries(path: str | os.PathLike) -> CanarySet:
     return CanarySet(tuple(canaries), vocab_size, tuple(sorted(excluded)), length, bos)
 
 
-def check_canaries_fit(canary_set: CanarySet, vocab_size: int) -> None:
-    """Raises `ValueError` when the canaries were drawn for a larger vocabulary than the model's."""
-    if canary_set.vocab_size > vocab_size:
+def check_canaries_fit(canary_set: CanarySet, vocab_size: int | None = None, seq_len: int | None = None) -> None:
+    """Raises `ValueError` when the canaries were drawn for a larger vocabulary than the model's, or are longer
+    than the training sequences (`seq_len`)."""
+    if vocab_size is not None and canary_set.vocab_size > vocab_size:
         raise ValueError(
             f"The canaries were drawn from {canary_set.vocab_size} token ids but the model's vocabulary has "
             f"{vocab_size}: draw them for this model (vaultgemma-hf audit canaries --tokenizer ...)."
+        )
+    if seq_len is not None and canary_set.width > seq_len:
+        raise ValueError(
+            f"Canaries of {canary_set.width} tokens do not fit in training sequences of {seq_len} tokens."
         )
 
 
@@ -245,10 +249,8 @@ def append_canaries(dataset: PackedDataset, canary_set: CanarySet, pad_token_id:
     exactly one privacy unit. The held-out canaries are never added.
     """
     included = canary_set.included
-    seq_len = dataset.seq_len
-    width = canary_set.length + (canary_set.bos_token_id is not None)
-    if width > seq_len:
-        raise ValueError(f"Canaries of {width} tokens do not fit in training sequences of {seq_len} tokens.")
+    seq_len, width = dataset.seq_len, canary_set.width
+    check_canaries_fit(canary_set, seq_len=seq_len)
     if not included:
         return dataset
     extra = torch.full((len(included), seq_len), pad_token_id, dtype=dataset.input_ids.dtype)
