@@ -56,6 +56,8 @@ class CompiledGreedyDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Returns `input_ids` followed by `max_new_tokens` greedy tokens (no early stop at EOS)."""
         batch, prompt_len = input_ids.shape
+        if max_new_tokens < 1:  # as transformers' generate: the prefill below always yields one token
+            raise ValueError(f"max_new_tokens must be greater than 0, but is {max_new_tokens}.")
         if prompt_len + max_new_tokens > self.max_cache_len:
             raise ValueError(
                 f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) exceeds max_cache_len ({self.max_cache_len})"

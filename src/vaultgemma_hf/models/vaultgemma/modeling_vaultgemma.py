@@ -10,7 +10,8 @@ parameter names, same operation order), with three differences in behaviour:
 * Inputs longer than `max_position_embeddings` are refused with a clear error (the model was trained on
   1024-token sequences; RoPE would silently extrapolate).
 * `output_hidden_states` / `output_attentions` are collected explicitly here rather than by transformers'
-  internal output-capturing decorators, so that only transformers' public API is used.
+  internal output-capturing decorators, so that only transformers' public API is used (same results: index
+  selection of hidden states, an empty attentions tuple for backends that return no weights).
 
 This file and `configuration_vaultgemma.py` are self-contained: they are copied next to saved checkpoints so that
 `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without `vaultgemma_hf` installed.
@@ -43,6 +44,9 @@ logger = logging.get_logger(__name__)
 # talk to transformers (mask builders, output classes) in the name the installed version uses.
 CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 _MASK_CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+# Caches whose `update` takes the attention kwargs (transformers' paged cache for continuous batching requires them: it
+# reads its read/write indices there and fills in what the paged attention kernel needs).
+_CACHE_UPDATE_TAKES_KWARGS = "kwargs" in inspect.signature(Cache.update).parameters
 
 
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -52,6 +56,27 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     if cache is not None:
         raise ValueError("Pass the KV cache once: as `cache` or as its older name `past_key_values`, not both.")
     return past_key_values
+
+
+def slice_logits_to_keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """Selects the positions whose logits are computed, as transformers' causal LMs do.
+
+    Args:
+        hidden_states: Final hidden states `[batch, seq, hidden]`.
+        logits_to_keep: An int `k` keeps the last `k` positions (0 keeps all); a 1-D tensor holds positions kept for
+            every row; a 2-D integer tensor `[batch, n]` holds positions per row; a 2-D boolean tensor `[batch, seq]`
+            keeps the `True` positions and flattens them to `[num_true, hidden]` (counts may differ per row).
+
+    Returns:
+        The selected hidden states.
+    """
+    if isinstance(logits_to_keep, torch.Tensor) and logits_to_keep.ndim == 2:
+        if logits_to_keep.dtype == torch.bool:
+            return hidden_states[logits_to_keep]
+        return torch.take_along_dim(hidden_states, logits_to_keep[..., None], dim=1)
+    if isinstance(logits_to_keep, int):
+        logits_to_keep = slice(-logits_to_keep, None)  # slice(0, None) keeps everything
+    return hidden_states[:, logits_to_keep, :]
 
 
 class VaultGemmaRMSNorm(nn.Module):
@@ -230,7 +255,9 @@ class VaultGemmaAttention(nn.Module):
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if cache is not None:
-            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+            # `kwargs=kwargs`: a paged cache (continuous batching, `generate_batch`) reads and updates them in place.
+            cache_kwargs = {"kwargs": kwargs} if _CACHE_UPDATE_TAKES_KWARGS else {}
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, **cache_kwargs)
 
         attn_output, attn_weights = self._attention_interface()(
             self,
@@ -371,15 +398,53 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _check_length(self, seq_len: int, past_seen_tokens: int) -> None:
-        total = past_seen_tokens + seq_len
-        if total > self.config.max_position_embeddings:
+    def _selected_hidden_states(self, output_hidden_states: bool | int | list[int] | None) -> Callable | None:
+        """None if no hidden states are wanted, else a predicate on the index (0 = embeddings) of the kept ones.
+
+        Args:
+            output_hidden_states: A flag, or the index / indices (negative ones count from the end) to return.
+        """
+        if not output_hidden_states:  # None, False, and (as in transformers) 0 or []
+            return None
+        if output_hidden_states is True:
+            return lambda index: True
+        indices = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+        count = self.config.num_hidden_layers + 1
+        kept = {index % count for index in indices if -count <= index < count}
+        return lambda index: index in kept
+
+    def _check_length(self, needed: int, detail: str) -> None:
+        """Refuses a call whose positions reach `max_position_embeddings` (`needed` positions; `detail` says why)."""
+        if needed > self.config.max_position_embeddings:
             raise ValueError(
                 f"VaultGemma attends over at most max_position_embeddings={self.config.max_position_embeddings} "
-                f"positions (its training sequence length), but this call needs {total} ({past_seen_tokens} cached "
-                f"+ {seq_len} new). Truncate the prompt (e.g. tokenizer(..., truncation=True, max_length="
-                f"{self.config.max_position_embeddings})) or lower max_new_tokens."
+                f"positions (its training sequence length), but this call needs {needed} ({detail}). Truncate the "
+                f"prompt (e.g. tokenizer(..., truncation=True, max_length={self.config.max_position_embeddings})) or "
+                "lower max_new_tokens."
             )
+
+    def _check_explicit_positions(self, seq_len: int, position_ids: torch.Tensor, cache: Cache | None) -> None:
+        """Length policy for caller-given `position_ids`, syncing with the device only when needed.
+
+        With a dynamic cache (or none) the count of positions follows from shapes (no device sync); only when that
+        bound is over the limit are the positions themselves read (one sync), because packed rows (e.g.
+        `DataCollatorWithFlattening`) restart their positions at each document: a row longer than the limit is fine
+        if its positions stay within it. With another cache (a static one: generate's static path) the positions are
+        always read. Inside `torch.compile` nothing is read: compiled decoding steps are checked by their caller
+        (`CompiledGreedyDecoder` refuses prompt + new tokens beyond the limit up front; transformers' compiled static
+        `generate` checks its eager prefill).
+        """
+        shape_bound = None
+        if cache is None or isinstance(cache, DynamicCache):
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            shape_bound = past_seen_tokens + seq_len
+            if shape_bound <= self.config.max_position_embeddings:
+                return
+        if not torch.compiler.is_compiling():
+            largest = int(position_ids.max())  # the positions RoPE will see
+            self._check_length(largest + 1, f"positions up to {largest}")
+        elif shape_bound is not None:
+            self._check_length(shape_bound, f"{past_seen_tokens} cached + {seq_len} new")
 
     def forward(
         self,
@@ -390,7 +455,7 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         return_dict: bool | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -404,8 +469,10 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
             cache: A transformers `Cache` (dynamic or static) to read and update.
             inputs_embeds: Pre-computed, already scaled embeddings `[batch, seq, hidden]`.
             use_cache: Whether to create/return a cache (defaults to `config.use_cache`).
-            output_attentions: Return each layer's attention probabilities (eager attention only).
-            output_hidden_states: Return the embeddings and each layer's output (the last one after the final norm).
+            output_attentions: Return each layer's attention probabilities (eager attention only; other backends give
+                an empty tuple, with a warning).
+            output_hidden_states: Return the embeddings and each layer's output (the last one after the final norm);
+                an index or a list of indices returns only those hidden states (the others are None).
             return_dict: Return a `BaseModelOutputWithPast` (default) or a tuple.
             past_key_values: The name of `cache` before transformers 5.24 (accepted on every version).
 
@@ -425,8 +492,8 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
         if output_attentions and self.config._attn_implementation != "eager":
             logger.warning_once(
                 f"VaultGemma: output_attentions=True needs eager attention; the {self.config._attn_implementation!r} "
-                "backend returns None for every layer. Load or set the model with attn_implementation='eager' to get "
-                "attention probabilities."
+                "backend returns no attention probabilities (an empty tuple). Load or set the model with "
+                "attn_implementation='eager' to get them."
             )
         cache = _one_cache(cache, past_key_values)
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -439,23 +506,15 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
 
-        # Length policy: refuse to attend beyond max_position_embeddings. A dynamic cache reports its length from
-        # shapes (no device sync). With a static cache and explicit position_ids (generate's static path) the
-        # positions themselves are checked: one device sync, outside torch.compile only (eager decoding syncs every
-        # step anyway); compiled decoding steps are checked by their caller (`CompiledGreedyDecoder` refuses prompt +
-        # new tokens beyond the limit up front; transformers' compiled static `generate` checks its eager prefill).
+        # Length policy: refuse to attend beyond max_position_embeddings (RoPE would silently extrapolate).
         seq_len = inputs_embeds.shape[1]
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            self._check_length(past_seen_tokens + seq_len, f"{past_seen_tokens} cached + {seq_len} new")
             position_ids = torch.arange(seq_len, device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
-        elif isinstance(cache, DynamicCache):
-            past_seen_tokens = cache.get_seq_length()
-        elif cache is not None and not torch.compiler.is_compiling():
-            past_seen_tokens = max(int(position_ids.max()) + 1 - seq_len, 0)  # the positions RoPE will see
         else:
-            past_seen_tokens = 0
-        self._check_length(seq_len, past_seen_tokens)
+            self._check_explicit_positions(seq_len, position_ids, cache)
 
         # `generate` may pass the masks already built, keyed by layer type.
         if not isinstance(causal_mask_mapping := attention_mask, dict):
@@ -472,11 +531,14 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = () if output_hidden_states else None
+        # As transformers' output capturing: `output_hidden_states` may also be an index or a list of indices into the
+        # num_hidden_layers + 1 hidden states; unselected ones are returned as None.
+        keep_hidden = self._selected_hidden_states(output_hidden_states)
+        all_hidden_states = () if keep_hidden is not None else None
         all_attentions = () if output_attentions else None
         for i, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            if keep_hidden is not None:
+                all_hidden_states += (hidden_states if keep_hidden(i) else None,)
             hidden_states, attn_weights = decoder_layer(
                 hidden_states,
                 attention_mask=causal_mask_mapping[self.config.layer_types[i]],
@@ -485,11 +547,13 @@ class VaultGemmaModel(VaultGemmaPreTrainedModel):
                 cache=cache,
                 **kwargs,
             )
-            if output_attentions:
+            # Backends other than eager return no weights (None): left out, so that the tuple is empty, as in
+            # transformers' models.
+            if output_attentions and attn_weights is not None:
                 all_attentions += (attn_weights,)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+        if keep_hidden is not None:
+            all_hidden_states += (hidden_states if keep_hidden(self.config.num_hidden_layers) else None,)
 
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
@@ -537,7 +601,7 @@ class VaultGemmaForCausalLM(VaultGemmaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
@@ -547,8 +611,10 @@ class VaultGemmaForCausalLM(VaultGemmaPreTrainedModel, GenerationMixin):
 
         Args:
             labels: Token ids `[batch, seq]` for the next-token loss (shifted inside; -100 is ignored).
-            logits_to_keep: If an int `k > 0`, compute logits for the last `k` positions only (0 = all); if a 1-D
-                tensor, the positions to keep. Saves the `[batch, seq, vocab]` logits during generation.
+            logits_to_keep: If an int `k > 0`, compute logits for the last `k` positions only (0 = all); a 1-D
+                tensor of positions kept in every row, a 2-D integer tensor `[batch, n]` of positions per row, or a
+                2-D boolean mask `[batch, seq]` (logits flattened to `[num_true, vocab]`). Saves the
+                `[batch, seq, vocab]` logits during generation.
             **kwargs: As for `VaultGemmaModel.forward`, plus attention-backend kwargs and loss kwargs
                 (e.g. `num_items_in_batch`).
 
@@ -568,12 +634,7 @@ class VaultGemmaForCausalLM(VaultGemmaPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if isinstance(logits_to_keep, int):
-            if logits_to_keep > 0:
-                hidden_states = hidden_states[:, -logits_to_keep:, :]
-        else:
-            hidden_states = hidden_states[:, logits_to_keep, :]
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         if self.config.final_logit_softcapping is not None:
             cap = self.config.final_logit_softcapping
