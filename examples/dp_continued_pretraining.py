@@ -1,10 +1,10 @@
 """DP-SGD continued pretraining of VaultGemma with `DPTrainer`.
 
-By default it runs in about a minute on a CPU: the tiny random VaultGemma fixture shipped with the package and a
+By default it runs in well under a minute on a CPU: the tiny random VaultGemma fixture shipped with the package and a
 small synthetic corpus. Point it at a real checkpoint and your own documents for real work:
 
     python examples/dp_continued_pretraining.py                              # tiny fixture, CPU
-    python examples/dp_continued_pretraining.py --model path/to/vaultgemma-1b --train-file notes.txt \\
+    python examples/dp_continued_pretraining.py --model path/to/vaultgemma-1b --train-file notes.jsonl \\
         --seq-len 1024 --logical-batch-size 1024 --micro-batch 4 --accumulation 8 --max-steps 2000 --bf16
 
 It packs the documents into fixed-length sequences (the privacy unit), calibrates the noise to the target ε for
@@ -14,12 +14,12 @@ the planned steps, trains, prints the ε spent and writes the model with its DP 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vaultgemma_hf  # noqa: F401  (registers VaultGemma with the Auto classes)
+from vaultgemma_hf.cli.train import read_documents
 from vaultgemma_hf.data import DataCollatorForPackedSequences, pack_documents
 from vaultgemma_hf.trainer import DPTrainer, DPTrainingArguments
 
@@ -31,11 +31,30 @@ def fixture_paths() -> tuple[str, str]:
     return str(TINY_MODEL_DIR), str(TINY_CORPUS)
 
 
+def read_training_documents(path: str, text_field: str = "text") -> list[str]:
+    """Reads the documents as `vaultgemma-hf train` does, so a `.jsonl` file is not trained on as raw JSON text.
+
+    Args:
+        path: A `.txt` file (one document per non-empty line) or a `.jsonl` file (one JSON object per line).
+        text_field: The key of the document text in `.jsonl` records.
+
+    Returns:
+        The documents, in file order.
+    """
+    documents, _ = read_documents(path, text_field=text_field)
+    return documents
+
+
 def main() -> None:
     default_model, default_corpus = fixture_paths()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=default_model, help="model directory (default: tiny fixture)")
-    parser.add_argument("--train-file", default=default_corpus, help="one document per line")
+    parser.add_argument(
+        "--train-file",
+        default=default_corpus,
+        help=".txt (one document per non-empty line) or .jsonl (text under --text-field), as `vaultgemma-hf train`",
+    )
+    parser.add_argument("--text-field", default="text", help="key of the document text in .jsonl records")
     parser.add_argument("--output-dir", default="outputs/dp-continued-pretraining")
     parser.add_argument("--target-epsilon", type=float, default=8.0)
     parser.add_argument(
@@ -53,9 +72,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True)
-    documents = [
-        line.strip() for line in Path(args.train_file).read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    documents = read_training_documents(args.train_file, args.text_field)
     train = pack_documents(
         documents, tokenizer, seq_len=args.seq_len, max_position_embeddings=model.config.max_position_embeddings
     )

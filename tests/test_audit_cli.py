@@ -246,3 +246,24 @@ def test_user_level_training_keeps_each_canary_a_user_of_its_own(tmp_path, tiny_
     assert code == 0, capsys.readouterr().err[-2000:]
     state = json.loads((out / DP_STATE_NAME).read_text())
     assert state["privacy_unit"] == "user" and state["dataset_size"] == 5 + len(load_canaries(canaries).included)
+
+
+@pytest.mark.parametrize("flag", ["--train-file", "--heldout-file"])
+def test_audit_run_checks_data_files_before_loading_models(tmp_path, tiny_model_dir, capsys, monkeypatch, flag):
+    """A missing or malformed data file was reported only after the model and the reference model were loaded."""
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the data files were checked")
+
+    canaries = tmp_path / "canaries.jsonl"
+    assert main(["audit", "canaries", "--model", str(tiny_model_dir), "--num-canaries", "4", "--length", "4"]
+                + ["--output", str(canaries), "--seed", "0"]) == 0  # fmt: skip
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_loading)
+    good = tmp_path / "good.txt"
+    good.write_text("one document\n")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    files = {"--train-file": str(good), "--heldout-file": str(good), flag: str(bad)}
+    argv = ["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(canaries), "--epsilon", "8"]
+    assert main([*argv, *(part for item in files.items() for part in item)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err

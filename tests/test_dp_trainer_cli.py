@@ -197,3 +197,34 @@ def test_trainer_checks_the_plan_against_the_data(tmp_path, tiny_kwargs):
     trainer = DPTrainer(model=model, args=DPTrainingArguments(**common, plan=str(other_len)), train_dataset=dataset)
     with pytest.raises(ValueError, match="sequences of 32 tokens"):
         trainer.setup_privacy()
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("data.csv", "a,b\n", "Unsupported training file type '.csv'"),
+        ("data.jsonl", "not json\n", "not valid JSON"),
+        ("nope.jsonl", None, "does not exist"),
+    ],
+)
+def test_train_command_checks_data_files_before_loading_the_model(
+    tmp_path, tiny_model_dir, capsys, monkeypatch, name, content, message
+):
+    """A bad --train-file or --eval-file was reported only after the weights were loaded (minutes for the 1B model)."""
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded before the data files were checked")
+
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_loading)
+    good = tmp_path / "good.txt"
+    good.write_text("one document\n")
+    bad = tmp_path / name
+    if content is not None:
+        bad.write_text(content)
+    argv = ["train", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "out"), "--target-epsilon", "2"]
+    argv += ["--logical-batch-size", "1", "--use-cpu"]
+    assert main([*argv, "--train-file", str(bad)]) == 2
+    assert message in capsys.readouterr().err
+    assert main([*argv, "--train-file", str(good), "--eval-file", str(bad)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -45,3 +45,19 @@ def test_dp_continued_pretraining_example_runs(tmp_path):
 
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"{recorded:.4g}" in card and "NOT PRIVATE" not in card
+
+
+def test_dp_continued_pretraining_example_reads_jsonl_like_train(tmp_path):
+    """The example read every line as a document, so a .jsonl file (the format the docs use) was trained on as raw
+    JSON text; it now reads files as `vaultgemma-hf train` does."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dp_example", ROOT / "examples" / "dp_continued_pretraining.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    data = tmp_path / "notes.jsonl"
+    data.write_text('{"text": "Patient Alex reported", "id": 1}\n\n{"text": "Customer Kim in", "id": 2}\n')
+    assert example.read_training_documents(str(data)) == ["Patient Alex reported", "Customer Kim in"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Patient Alex reported\n\n  Customer Kim in \n")
+    assert example.read_training_documents(str(notes)) == ["Patient Alex reported", "Customer Kim in"]

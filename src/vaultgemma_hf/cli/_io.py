@@ -6,9 +6,10 @@ import argparse
 import contextlib
 import math
 import os
+import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -39,9 +40,44 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _new_file_mode(target: Path) -> int:
+    """The permission bits `open(target, "w")` would leave: the existing file's, else 0o666 minus the umask."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(target.stat().st_mode)
+    umask = os.umask(0)  # the only portable way to read it: set and restore at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short -> torch name
+SHORT_DTYPE_NAMES = {torch_name: short for short, torch_name in TORCH_DTYPE_NAMES.items()}
+
+
+def dtype_name(aliases: dict[str, str]) -> Callable[[str], str]:
+    """argparse type for `--dtype`: maps the other spelling (`bf16` / `bfloat16`, ...) onto the parser's choices.
+
+    `run` and `audit run` name dtypes as torch does (`bfloat16`), `convert` as the JAX world does (`bf16`); each
+    accepts both, so a flag copied from one command to another works.
+
+    Args:
+        aliases: The other spelling -> the parser's spelling (`TORCH_DTYPE_NAMES` or `SHORT_DTYPE_NAMES`).
+
+    Returns:
+        The conversion function (the parser's `choices` still validate its result).
+    """
+
+    def parse(text: str) -> str:
+        return aliases.get(text.lower(), text.lower())
+
+    return parse
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike | None) -> Iterator[TextIO]:
     """Yields a text stream: stdout when `path` is None or "-", else a temp file renamed onto `path` on success.
+
+    The file gets the permissions `open(path, "w")` would give it: those of the file it replaces, else 0666 less
+    the umask (not the 0600 of the temp file it is written through).
 
     On any exception the temp file is removed, so a failed command leaves nothing partial at `path`. A path that
     exists and is not a regular file (`/dev/stdout`, a named pipe) is written to directly: renaming onto it would
@@ -61,6 +97,7 @@ def atomic_output(path: str | os.PathLike | None) -> Iterator[TextIO]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _new_file_mode(target))  # mkstemp makes 0600; the result gets a normal file's mode
         with os.fdopen(fd, "w", encoding="utf-8") as stream:
             yield stream
             stream.flush()

@@ -11,6 +11,7 @@ from pathlib import Path
 from ._io import UsageError
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, N (GPU index), -1 (cpu), mps, xpu, xpu:N or auto"
+_SAMPLING_FLAGS = (("--temperature", "temperature"), ("--top-k", "top_k"), ("--top-p", "top_p"))
 _REVISION_PATTERN = re.compile(r"[\w.\-/]+")  # a branch, tag or commit hash after "owner/name@"
 
 
@@ -36,6 +37,10 @@ def _validate_generation_flags(args: argparse.Namespace) -> None:
     if args.repetition_penalty is not None:
         valid = math.isfinite(args.repetition_penalty) and args.repetition_penalty > 0
         _check_number("--repetition-penalty", args.repetition_penalty, valid, "must be a positive number (1.0: none).")
+    sampling_only = [flag for flag, name in _SAMPLING_FLAGS if getattr(args, name) is not None]
+    if sampling_only and not args.do_sample:
+        # generate() would ignore them with a warning and decode greedily
+        raise UsageError(f"{', '.join(sampling_only)}: only used when sampling; add --do-sample (or drop them).")
 
 
 def _resolve_device(spec: str) -> str | None:

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vaultgemma_hf.cli._io import UsageError, atomic_output
+from vaultgemma_hf.cli._io import TORCH_DTYPE_NAMES, UsageError, atomic_output, dtype_name
 from vaultgemma_hf.cli._io import positive_int as _positive_int
 from vaultgemma_hf.cli._resolve import DEVICE_CHOICES, _check_output_path, _resolve_device, _resolve_pretrained
 
@@ -122,8 +122,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     run.add_argument(
         "--dtype",
         choices=("float32", "bfloat16", "float16"),
+        type=dtype_name(TORCH_DTYPE_NAMES),
         default="float32",
-        help="Weights dtype for scoring (default float32; losses are always reduced in float32).",
+        help="Weights dtype for scoring (default float32; fp32/bf16/fp16 work too; losses are always reduced in "
+        "float32).",
     )
     run.add_argument("--seed", type=int, help="Seed (tests only).")
     run.add_argument("--output", help="Write the JSON report here (default: stdout).")
@@ -238,13 +240,22 @@ def _claim(where: Path, state: dict[str, Any], epsilon: float | None, delta: flo
     return epsilon, delta
 
 
-def _load_sequences(path: str | None, tokenizer: Any, args: argparse.Namespace, seq_len: int, limit: int | None):
+def _read_documents(path: str | None, args: argparse.Namespace) -> list[str] | None:
+    """Reads `--train-file`/`--heldout-file` as training does (None without one); done before any model loads."""
     if path is None:
-        return None, 0
+        return None
     from vaultgemma_hf.cli.train import read_documents
+
+    return read_documents(path, args.text_field)[0]
+
+
+def _load_sequences(
+    documents: list[str] | None, tokenizer: Any, args: argparse.Namespace, seq_len: int, limit: int | None
+):
+    if documents is None:
+        return None, 0
     from vaultgemma_hf.data.packing import pack_documents
 
-    documents, _ = read_documents(path, args.text_field)
     packed = pack_documents(
         documents,
         tokenizer,
@@ -288,6 +299,8 @@ def run_audit(args: argparse.Namespace) -> int:
             check_model_card(model_dir)
         device = _resolve_device(args.device) or ("cuda" if torch.cuda.is_available() else "cpu")  # auto: one device
         canary_set = load_canaries(args.canaries)
+        train_documents = _read_documents(args.train_file, args)  # bad data files fail before the models load
+        heldout_documents = _read_documents(args.heldout_file, args)
         m = len(canary_set.canaries)
         if args.guesses and any(2 * k > m for k in args.guesses):
             raise UsageError(f"--guesses: each value must be at most {m // 2} for {m} canaries, got {args.guesses}.")
@@ -308,8 +321,8 @@ def run_audit(args: argparse.Namespace) -> int:
         if args.train_file:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or model_dir)
             limit = getattr(model.config, "max_position_embeddings", None)
-            training, num_packed = _load_sequences(args.train_file, tokenizer, args, seq_len, limit)
-            heldout = _load_sequences(args.heldout_file, tokenizer, args, seq_len, limit)[0]
+            training, num_packed = _load_sequences(train_documents, tokenizer, args, seq_len, limit)
+            heldout = _load_sequences(heldout_documents, tokenizer, args, seq_len, limit)[0]
             expected = num_packed + len(canary_set.included)
             if state.get("privacy_unit") == "sequence" and state.get("dataset_size") not in (None, expected):
                 print(

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from ._io import SHORT_DTYPE_NAMES, dtype_name
+
 PROGRESS_MIN_BYTES = 64 * 2**20
 """Progress bars are shown for sources at least this large (and never with --quiet)."""
 
@@ -53,7 +55,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=("hf", "jax"),
         help="target family (default: hf for JAX sources and with --merge-lora, jax for HF sources)",
     )
-    parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto", help="output dtype")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "bf16"),
+        type=dtype_name(SHORT_DTYPE_NAMES),
+        default="auto",
+        help="output dtype: auto (the source's), fp32 or bf16 (float32 and bfloat16, as `run` spells them, work too)",
+    )
     parser.add_argument(
         "--verify",
         action="store_true",

@@ -27,7 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """Builds the top-level parser, importing only the sub-command that is asked for (all for --help)."""
+    from vaultgemma_hf import __version__
+
     parser = argparse.ArgumentParser(prog="vaultgemma-hf", description="VaultGemma tools for transformers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     argv = sys.argv[1:] if argv is None else argv
     wanted = next((a for a in argv if not a.startswith("-")), None)

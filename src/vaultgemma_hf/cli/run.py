@@ -11,7 +11,8 @@ cache (`owner/name`, optionally `owner/name@revision`; the cache is $HF_HUB_CACH
 ~/.cache/huggingface/hub). Nothing is ever downloaded: fetch a repo first with `hf download owner/name`.
 
 Input (stdin, or `--input FILE`; `--input -` is stdin): one prompt per line, or JSON Lines with a "text" (or
-"prompt") field. `--input-format auto` picks JSON Lines when the first non-blank line starts with "{".
+"prompt", or `--text-field KEY`) field, in UTF-8 (a leading byte order mark is ignored). `--input-format auto` picks JSON Lines when the
+first non-blank line starts with "{".
 In line mode a blank line is not a prompt: it gives an empty output line (JSON: {"prompt": "", "generated_text": ""}),
 so output line N always answers input line N. Blank lines in JSON Lines input are skipped.
 
@@ -21,6 +22,9 @@ as each batch finishes, or written atomically to `--output FILE` at the end.
 Input is streamed: a batch is generated as soon as it holds `--batch-size` prompts or the input ends, so with the
 default batch size of 1 each line typed or piped in is answered at once; with a larger batch size a slow stdin
 waits for a full batch (or end of input).
+
+Decoding is greedy unless `--do-sample` is given; `--temperature`, `--top-k` and `--top-p` need it (alone they are
+refused, not silently ignored). `--num-beams` and `--repetition-penalty` work either way.
 
 Long prompts: a prompt's tokens plus `--max-new-tokens` must fit in the model's max_position_embeddings. With
 `--truncate none` (the default) a longer prompt stops the run with an error naming its input line (exit code 2;
@@ -40,7 +44,7 @@ import sys
 from pathlib import Path
 
 from ..fixtures import TINY_MODEL_DIR
-from ._io import UsageError, atomic_output
+from ._io import TORCH_DTYPE_NAMES, UsageError, atomic_output, dtype_name
 from ._prompts import _batches, _count_prompts, read_numbered_prompts
 from ._resolve import (
     DEVICE_CHOICES,
@@ -94,10 +98,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help='lines: one prompt per line, a blank line gives an empty output line; jsonl: a "text" or "prompt" '
         'field per line; auto: jsonl if the first non-blank line starts with "{".',
     )
+    parser.add_argument(
+        "--text-field",
+        default=None,
+        help='JSON Lines input: the key of the prompt (default: "text", else "prompt"), as in `vaultgemma-hf train`.',
+    )
     parser.add_argument("--output", default=None, help="Output file, written atomically (default or -: stdout).")
-    parser.add_argument("--format", choices=("plain", "json"), default="plain", help="Output format.")
+    parser.add_argument(
+        "--format",
+        choices=("plain", "json"),
+        default="plain",
+        help="Output format: plain: one generation per line (newlines escaped as \\n); json: JSON Lines with "
+        '"prompt" and "generated_text". (The input format is --input-format, unlike transformers 4\'s --format.)',
+    )
     parser.add_argument("--device", default="cpu", help=f"{DEVICE_CHOICES} (device_map).")
-    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        type=dtype_name(TORCH_DTYPE_NAMES),
+        default="auto",
+        help="Weights dtype (auto: the checkpoint's; fp32/bf16/fp16, as `convert` spells them, work too).",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -113,12 +134,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "left: keep its last tokens, with a warning on stderr.",
     )
     parser.add_argument("--do-sample", action="store_true", help="Sample instead of greedy decoding.")
-    parser.add_argument("--temperature", type=float, default=None, help="Sampling temperature (> 0).")
-    parser.add_argument("--top-k", type=int, default=None, help="Top-k filtering (>= 0; 0 disables it).")
-    parser.add_argument("--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1].")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="Sampling temperature (> 0; needs --do-sample)."
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="Top-k filtering (>= 0; 0 disables it; needs --do-sample)."
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="Nucleus sampling mass, in (0, 1] (needs --do-sample)."
+    )
     parser.add_argument("--num-beams", type=int, default=None, help="Beam search width (>= 1).")
     parser.add_argument("--repetition-penalty", type=float, default=None, help="> 0; 1.0 means no penalty.")
-    parser.add_argument("--seed", type=int, default=None, help="Seed for sampling.")
+    parser.add_argument("--seed", type=int, default=None, help="Seed for sampling (reproducible --do-sample runs).")
     parser.add_argument(
         "--continuation-only", action="store_true", help="Print only the generated continuation, not the prompt."
     )
@@ -126,7 +153,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--progress",
         choices=("auto", "always", "never"),
         default="auto",
-        help=f"Progress bar on stderr; auto: from {PROGRESS_THRESHOLD} prompts on, not for a terminal on stdin.",
+        help=f"Progress bar on stderr; auto: from {PROGRESS_THRESHOLD} prompts on, not for a terminal on stdin; "
+        "never: also no bar while the weights load.",
     )
     parser.set_defaults(func=run_command)
     return parser
@@ -208,6 +236,21 @@ class _Progress:
             self.bar.close()
 
 
+@contextlib.contextmanager
+def _transformers_progress_bars(enabled: bool):
+    """Turns transformers' own progress bars (e.g. "Loading weights") off inside the block unless `enabled`."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not enabled and was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_pipeline(args: argparse.Namespace, device: str | None, model_dir: str, tokenizer_dir: str):
     """Loads the model and tokenizer into a text-generation pipeline.
 
@@ -246,7 +289,8 @@ def _load_pipeline(args: argparse.Namespace, device: str | None, model_dir: str,
     if limit is None and args.truncate == "left":
         raise UsageError("--truncate left: the model's config gives no max_position_embeddings to truncate to.")
     model_class = VaultGemmaForCausalLM if config.model_type == "vaultgemma" else AutoModelForCausalLM
-    model = model_class.from_pretrained(model_dir, **load_kwargs)
+    with _transformers_progress_bars(args.progress != "never"):  # --progress never: no "Loading weights" bar
+        model = model_class.from_pretrained(model_dir, **load_kwargs)
     if device is not None:
         try:
             model.to(device)
@@ -276,15 +320,19 @@ def _generation_kwargs(args: argparse.Namespace, limit: int | None) -> dict:
 
 
 def _open_input(args: argparse.Namespace, stack: contextlib.ExitStack):
-    """Opens `--input` (a file, or stdin for none or "-"); returns the stream and the file path (None for stdin)."""
+    """Opens `--input` (a file, or stdin for none or "-"); returns the stream and the file path (None for stdin).
+
+    Files and the real stdin are read in binary mode and decoded line by line (`read_numbered_prompts`), so that
+    text that is not UTF-8 gives a usage error naming its line instead of a traceback from the text layer.
+    """
     if args.input is None or args.input == "-":
-        return sys.stdin, None
+        return getattr(sys.stdin, "buffer", sys.stdin), None  # a replaced sys.stdin (io.StringIO) has no buffer
     path = Path(args.input)
     if path.is_dir():
         raise UsageError(f"--input {args.input}: is a directory; give a file.")
     if not path.exists():
         raise UsageError(f"--input {args.input}: no such file.")
-    return stack.enter_context(open(path, encoding="utf-8")), path
+    return stack.enter_context(open(path, "rb")), path
 
 
 def _format_result(prompt: str, text: str, output_format: str) -> str:
@@ -317,7 +365,7 @@ def run_command(args: argparse.Namespace) -> int:
             _check_output_path(args.output)
             device = _resolve_device(args.device)
             stream, path = _open_input(args, stack)
-            items = read_numbered_prompts(stream, args.input_format)
+            items = read_numbered_prompts(stream, args.input_format, args.text_field)
             leading: list[tuple[int, str | None]] = []  # blank lines before the first prompt, then that prompt
             for item in items:
                 leading.append(item)

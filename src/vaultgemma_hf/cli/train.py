@@ -136,6 +136,18 @@ def _train(data_args: TrainDataArguments, training_args: DPTrainingArguments) ->
         raise ValueError("--privacy_unit user needs --user_field: the key of the user id in each .jsonl record.")
     if not Path(data_args.model).is_dir():
         raise ValueError(f"--model {data_args.model!r} is not a directory with a model.")
+    # the data files are read (and refused: missing, wrong type, malformed) before the weights are loaded
+    train_documents = read_documents(data_args.train_file, data_args.text_field, data_args.user_field)
+    eval_documents = (
+        read_documents(data_args.eval_file, data_args.text_field, data_args.user_field)
+        if data_args.eval_file
+        else None
+    )
+    canary_set = None
+    if data_args.canary_file:
+        from vaultgemma_hf.privacy_eval.canaries import append_canaries, check_canaries_fit, load_canaries
+
+        canary_set = load_canaries(data_args.canary_file)
     model = AutoModelForCausalLM.from_pretrained(data_args.model, use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(data_args.tokenizer or data_args.model)
     max_positions = getattr(model.config, "max_position_embeddings", None)
@@ -149,8 +161,8 @@ def _train(data_args: TrainDataArguments, training_args: DPTrainingArguments) ->
         if matched == 0:
             raise ValueError(f"--freeze {data_args.freeze} matched no parameter name.")
 
-    def load(path: str) -> Any:
-        documents, users = read_documents(path, data_args.text_field, data_args.user_field)
+    def pack(documents_and_users: tuple[list[str], list | None]) -> Any:
+        documents, users = documents_and_users
         return pack_documents(
             documents,
             tokenizer,
@@ -160,20 +172,16 @@ def _train(data_args: TrainDataArguments, training_args: DPTrainingArguments) ->
             max_position_embeddings=max_positions,
         )
 
-    canary_set = None
-    if data_args.canary_file:  # checked before the corpus is tokenized
-        from vaultgemma_hf.privacy_eval.canaries import append_canaries, check_canaries_fit, load_canaries
-
-        canary_set = load_canaries(data_args.canary_file)
+    if canary_set is not None:  # checked before the corpus is tokenized
         check_canaries_fit(canary_set, model.config.vocab_size, data_args.seq_len)
-    train_dataset = load(data_args.train_file)
+    train_dataset = pack(train_documents)
     if canary_set is not None:
         before = len(train_dataset)
         train_dataset = append_canaries(train_dataset, canary_set, pad_token_id=tokenizer.pad_token_id or 0)
         print(
             f"Added {len(train_dataset) - before} of {len(canary_set.canaries)} audit canaries as training sequences."
         )
-    eval_dataset = load(data_args.eval_file) if data_args.eval_file else None
+    eval_dataset = pack(eval_documents) if eval_documents is not None else None
     trainer = DPTrainer(
         model=model,
         args=training_args,
