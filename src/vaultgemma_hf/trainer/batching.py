@@ -5,6 +5,12 @@ keeps fixed physical shapes) and which may be empty (a Poisson micro-batch with 
 [`MaskedDataset`] resolves a padding slot to a stand-in example, and [`MaskedCollator`] collates with the user's
 collator and adds ``dp_example_mask``: True for sampled examples, False for padding. Padding never contributes
 to the gradient (its loss is multiplied by 0 and the engine is given the mask).
+
+The collator must keep one row per example: the engine clips per row, so a collator that merges several sampled
+examples into one row (e.g. `DataCollatorWithFlattening`, which concatenates the micro-batch into a single padding-free
+row) would clip their joint gradient once and, when the micro-batch is processed in several chunks, feed the merged
+row to every chunk, so one example could contribute several clipped gradients (sensitivity above C). Every tensor of a
+collated batch must therefore have the number of examples as its leading dimension ([`check_rows`]).
 """
 
 from __future__ import annotations
@@ -59,8 +65,36 @@ class MaskedCollator:
             batch[EXAMPLE_MASK_KEY] = torch.zeros(0, dtype=torch.bool)
             return batch
         batch = dict(self.collator([example for example, _ in pairs]))
+        check_rows(batch, len(pairs))
         batch[EXAMPLE_MASK_KEY] = torch.tensor([bool(is_real) for _, is_real in pairs], dtype=torch.bool)
         return batch
+
+
+def check_rows(batch: Mapping[str, Any], num_examples: int) -> None:
+    """Raises unless every tensor of `batch` with a dimension has one row per example (leading size `num_examples`).
+
+    DP-SGD clips the gradient of each row; a row that holds several examples (merged or flattened by the collator)
+    breaks the per-example sensitivity bound, so such batches are refused rather than trained on.
+
+    Args:
+        batch: a collated batch.
+        num_examples: the number of examples that were collated.
+
+    Raises:
+        ValueError: a tensor's leading dimension differs from `num_examples` (the message names the key).
+    """
+    bad = [
+        f"{key} {tuple(value.shape)}"
+        for key, value in batch.items()
+        if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] != num_examples
+    ]
+    if bad:
+        raise ValueError(
+            f"The data collator returned tensors without one row per example ({num_examples} examples collated): "
+            f"{', '.join(bad)}. DPTrainer clips each row's gradient as one privacy unit, so a collator that merges, "
+            "flattens (e.g. DataCollatorWithFlattening) or splits examples would break the per-example sensitivity "
+            "bound. Use a collator that stacks one example per row (DataCollatorForPackedSequences)."
+        )
 
 
 def slice_batch(batch: Mapping[str, Any], start: int, stop: int, batch_size: int) -> dict[str, Any]:

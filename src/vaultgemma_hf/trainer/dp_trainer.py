@@ -42,7 +42,7 @@ from transformers.utils import logging
 
 from vaultgemma_hf.data.packing import check_sequence_length, group_indices_by_user, token_ids_sha256
 from vaultgemma_hf.dp.sampling import DPBatchSampler, fresh_generator, sampling_rate, steps_per_epoch
-from vaultgemma_hf.trainer.batching import EXAMPLE_MASK_KEY, MaskedCollator, MaskedDataset, slice_batch
+from vaultgemma_hf.trainer.batching import EXAMPLE_MASK_KEY, MaskedCollator, MaskedDataset, check_rows, slice_batch
 from vaultgemma_hf.trainer.losses import IGNORE_INDEX, per_example_causal_lm_loss
 from vaultgemma_hf.trainer.model_card import DPTrainingSummary, atomic_write_text, write_model_card
 from vaultgemma_hf.trainer.training_args import DPTrainingArguments
@@ -126,6 +126,8 @@ class DPTrainer(Trainer):
         self._dp_norm_stats: torch.Tensor | None = None  # examples, sum of per-example norms, clipped examples
         self._dp_logged_steps = 0
         self._dp_eps_cache: tuple[int, float] | None = None
+        # whether any step of the run (resumed parts included) used seeded, reproducible noise (testing only)
+        self._dp_seeded_noise = False
         self.add_callback(DPCallback(self))
 
     # ------------------------------------------------------------------------------------------------ public API
@@ -245,16 +247,30 @@ class DPTrainer(Trainer):
         """Resolves N, q, δ and σ, restores or creates the accountant, checks the budget and seeds the RNGs.
 
         Called by `train`; safe to call again (a second `train()` on the same trainer continues the same
-        accountant: the model has already spent that budget).
+        accountant: the model has already spent that budget; its privacy parameters may not change in between). The
+        clipped sums of a logical step left unfinished by an interrupted `train()` are discarded.
+
+        Raises:
+            ValueError: Invalid data or arguments, a plan over the budget, a resume or continuation with other
+                privacy parameters, or a clipping norm changed after the DP engine was built.
         """
         from vaultgemma_hf.dp.accounting import PrivacyAccountant, calibrate_noise_multiplier, pld_precision_warning
 
         args = self.args
         if self.dp_engine is None:
             raise RuntimeError("The DP engine of this trainer was detached.")
+        if not _same(float(args.per_sample_max_grad_norm), self.dp_engine.max_grad_norm):
+            # the engine clips (and scales the noise) with the C it was built with; the card would report another
+            raise ValueError(
+                f"per_sample_max_grad_norm={args.per_sample_max_grad_norm!r} differs from the clipping norm "
+                f"C={self.dp_engine.max_grad_norm!r} the DP engine of this trainer was built with (and clips with). Set "
+                "it before building the DPTrainer; to change it, build a new DPTrainer."
+            )
         num_units, groups = self._privacy_units()
         self._check_sequences()
         q = sampling_rate(num_units, args.logical_batch_size)
+        if resume_from_checkpoint is None and self.privacy_accountant is not None:
+            self._check_continuation(num_units, q)  # before anything of the running configuration is replaced
         self._dp_num_units, self._dp_groups, self.sampling_rate = num_units, groups, q
         if args.sampling == "truncated_poisson":
             # validates max_physical_batch against the physical capacity of a logical step
@@ -292,6 +308,8 @@ class DPTrainer(Trainer):
             self._warn_if_later_checkpoints(resume_from_checkpoint, state)
             self.noise_multiplier = float(state["noise_multiplier"])
             done = int(state["accountant_steps"])
+            # a run resumed from a seeded (testing) checkpoint stays a testing run in its card and dp_state.json
+            self._dp_seeded_noise = bool(state.get("deterministic_noise_for_testing", False))
             total = max(planned, done)
         elif self.privacy_accountant is not None:
             done = self.privacy_accountant.steps
@@ -300,6 +318,7 @@ class DPTrainer(Trainer):
             total = done + planned
         else:
             done, total = 0, planned
+            self._warn_if_base_model_was_trained_on_this_data()
             if args.noise_multiplier is not None:
                 self.noise_multiplier = float(args.noise_multiplier)
             else:
@@ -360,10 +379,92 @@ class DPTrainer(Trainer):
                     raise RuntimeError("The restored accountant does not report the steps recorded in dp_state.json.")
                 logger.info("Restored the privacy accountant from %s: %d steps done.", resume_from_checkpoint, done)
         self._dp_eps_cache = None
+        self._discard_partial_step()
         self._seed_generators()
         self._dp_micro_steps = 0
         self._dp_norm_stats = None
         self._dp_logged_steps = 0
+
+    def _warn_if_base_model_was_trained_on_this_data(self) -> None:
+        """Warns when the model was loaded from a DPTrainer output trained on the same data (same token SHA-256).
+
+        Training such a model again with a *new* accountant (instead of `resume_from_checkpoint`) spends privacy on
+        the same sequences twice, but this run's ε (logs, model card, ``dp_state.json``) counts only its own steps:
+        the released model's ε is the composition of both runs, which is larger.
+        """
+        config = getattr(self.model, "config", None)
+        source = getattr(config, "_name_or_path", None)
+        path = os.path.join(str(source), DP_STATE_NAME) if source else None
+        if path is None or not os.path.isfile(path) or not self.is_world_process_zero():
+            return
+        try:
+            with open(path, encoding="utf-8") as handle:
+                previous = json.load(handle)
+        except (OSError, ValueError):
+            return
+        if not isinstance(previous, dict) or previous.get("dataset_sha256") != self._dataset_sha256():
+            return
+        logger.warning(
+            "The model was loaded from %s, which DPTrainer already trained on this same training data (%s steps, "
+            "epsilon=%s at delta=%s). This run starts a new accountant, so the epsilon it reports (logs, model card, "
+            "dp_state.json) covers only its own steps; the released model's privacy loss on this data is the "
+            "composition of both runs, which is larger. To continue the earlier run with one accountant, use "
+            "train(resume_from_checkpoint=...) on its checkpoint instead.",
+            source,
+            previous.get("accountant_steps"),
+            previous.get("epsilon"),
+            previous.get("target_delta"),
+        )
+
+    def _check_continuation(self, num_units: int, q: float) -> None:
+        """Refuses a second `train()` whose privacy parameters differ from those the running accountant composes.
+
+        The accountant of this trainer keeps composing identical steps (its σ, q, sampling scheme, sizes); if the
+        arguments or the training set changed since (e.g. a larger `logical_batch_size`, another dataset), the new
+        steps would be drawn at another sampling rate but accounted at the old one, and ε under-reported.
+
+        Args:
+            num_units: N, the number of privacy units of the current training set.
+            q: The sampling rate the sampler will now use.
+
+        Raises:
+            ValueError: If σ, q, the sampling scheme, the accountant or the sizes differ (the message names them).
+        """
+        from vaultgemma_hf.dp.accounting import PrivacyAccountant
+
+        args = self.args
+        mismatched = []
+        if args.noise_multiplier is not None and not _same(float(args.noise_multiplier), self.noise_multiplier):
+            mismatched.append(f"noise_multiplier: running {self.noise_multiplier!r}, now {args.noise_multiplier!r}")
+        try:
+            kwargs = {**self._accountant_kwargs(), "dataset_size": num_units}
+            PrivacyAccountant(self.noise_multiplier, q, **kwargs).load_state_dict(self.privacy_accountant.state_dict())
+        except ValueError as err:
+            mismatched.append(str(err))
+        if mismatched:
+            raise ValueError(
+                "Cannot continue training with different privacy parameters: this trainer's accountant composes "
+                f"{self.privacy_accountant.steps} steps of {self.privacy_accountant!r} and would account the new steps "
+                f"as the same mechanism (N={num_units}, q={q:.6g} now). " + "; ".join(mismatched) + ". Restore the "
+                "arguments and training set, or build a new DPTrainer (its epsilon then does not cover this one's "
+                "steps)."
+            )
+
+    def _discard_partial_step(self) -> None:
+        """Drops clipped sums left by a logical step that never finished (e.g. `train()` interrupted mid-step).
+
+        Those sums were never noised nor released; adding them to the next run's first step would release a second
+        Poisson draw (and possibly the same sequence twice) in one step that the accountant counts as a single
+        draw. Discarding them costs no privacy.
+        """
+        engine = self.dp_engine
+        if engine._acc or engine.num_accumulated or self._dp_micro_steps:
+            logger.warning(
+                "Discarding the clipped gradients of %d sequence(s) from a logical step that did not finish (interrupted "
+                "train()); they were never applied, and no privacy was spent on them.",
+                engine.num_accumulated,
+            )
+        engine.zero_accumulator()
 
     def _check_plan(self, plan: dict[str, Any], num_units: int, q: float) -> None:
         if plan.get("dataset_size") is not None and int(plan["dataset_size"]) != num_units:
@@ -394,6 +495,7 @@ class DPTrainer(Trainer):
                 args.seed,
             )
             sampler_seed, noise_seed = deterministic_seeds(args.seed, rank)
+            self._dp_seeded_noise = True
         else:
             sampler_seed = secrets.randbits(63)
             noise_seed = None
@@ -428,6 +530,7 @@ class DPTrainer(Trainer):
             "seq_len": self._dp_seq_len,
             "dataset_sha256": self._dataset_sha256(),
             "dp_accounting_version": _dp_accounting_version(),
+            "deterministic_noise_for_testing": self._dp_seeded_noise,
         }
 
     def _read_dp_state(self, checkpoint: str) -> dict[str, Any]:
@@ -612,7 +715,7 @@ class DPTrainer(Trainer):
             base_model_type=getattr(config, "model_type", None),
             non_private=self.noise_multiplier == 0,
             shuffled_without_amplification=args.sampling == "shuffle",
-            deterministic_noise_for_testing=args.deterministic_noise_for_testing,
+            deterministic_noise_for_testing=self._dp_seeded_noise,
         )
 
     # ------------------------------------------------------------------------------------------------ data
@@ -682,6 +785,7 @@ class DPTrainer(Trainer):
         mask = inputs.pop(EXAMPLE_MASK_KEY, None)
         if mask is None:
             raise RuntimeError("DPTrainer.training_step received a batch that did not come from the DP sampler.")
+        check_rows(inputs, mask.shape[0])  # one row per example, or the per-row clipping is not per example
         module = self.accelerator.unwrap_model(model)  # bypass DDP: the engine reduces clipped sums itself
         module.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -697,6 +801,11 @@ class DPTrainer(Trainer):
             part_mask = mask[start:stop]
             with self.compute_loss_context_manager():
                 per_example, _ = self.compute_per_example_loss(module, part)
+            if per_example.shape != part_mask.shape:  # no broadcasting of one loss over several examples
+                raise ValueError(
+                    f"The per-example loss has shape {tuple(per_example.shape)} for {part_mask.shape[0]} examples; "
+                    "DPTrainer needs one loss per example (row) of the micro-batch."
+                )
             per_example = per_example * part_mask.to(per_example.dtype)
             norms = self.dp_engine.backward(per_example, part_mask)
             self._record_norms(norms, part_mask)

@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
 from importlib import resources
 from string import Template
 from typing import Any
@@ -104,6 +105,25 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
+def _fmt_up(value: float | None, digits: int = 4) -> str:
+    """Like `_fmt`, but rounded up (towards +inf) to `digits` significant digits, so a printed ε or δ is never
+    smaller than the computed one (nearest rounding would under-state the guarantee's ε or δ, e.g. 1.23441 ->
+    1.234). The value is taken at its shortest round-trip decimal (`repr`), so a δ given as 1e-5 prints 1e-05."""
+    if value is None or math.isinf(value) or value == 0:
+        return _fmt(value, digits)
+    exact = Decimal(repr(float(value)))
+    quantum = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    return f"{float(exact.quantize(quantum, rounding=ROUND_CEILING)):.{digits}g}"
+
+
+def _fmt_bound(value: float | None, digits: int) -> str:
+    """`_fmt_up`, followed by the exact value (as recorded in ``dp_state.json``) when rounding changed it."""
+    shown = _fmt_up(value, digits)
+    if value is None or math.isinf(value) or float(shown) == float(value):
+        return shown
+    return f"{shown} (exact: {float(value)!r})"
+
+
 def render_model_card(summary: DPTrainingSummary) -> str:
     """Renders the Markdown model card of a run."""
     template = Template(
@@ -137,7 +157,7 @@ def render_model_card(summary: DPTrainingSummary) -> str:
     else:
         relation, caveat = _adjacency_text(summary.sampling, unit)
         guarantee = (
-            f"The released weights satisfy **(ε = {_fmt(summary.epsilon)}, δ = {_fmt(summary.delta, 3)})-differential "
+            f"The released weights satisfy **(ε = {_fmt_up(summary.epsilon)}, δ = {_fmt_up(summary.delta, 3)})-differential "
             f"privacy** with respect to {relation}, after {summary.steps} steps.{caveat}"
         )
     from vaultgemma_hf.dp.accounting import PLD_NOISE_FLOOR_PER_STEP, pld_precision_warning, shuffle_epochs
@@ -176,8 +196,8 @@ def render_model_card(summary: DPTrainingSummary) -> str:
         "banner": banner + ("\n" if banner else ""),
         "guarantee_sentence": guarantee,
         "privacy_unit": unit,
-        "epsilon": _fmt(summary.epsilon) + (" (NOT PRIVATE)" if summary.non_private else ""),
-        "delta": _fmt(summary.delta, 3),
+        "epsilon": _fmt_bound(summary.epsilon, 4) + (" (NOT PRIVATE)" if summary.non_private else ""),
+        "delta": _fmt_bound(summary.delta, 3),
         "target_epsilon": _fmt(summary.target_epsilon),
         "accountant": {"pld": "PLD (privacy loss distributions)", "rdp": "RDP (Rényi DP)"}[summary.accountant],
         "dp_accounting_version": summary.dp_accounting_version,
