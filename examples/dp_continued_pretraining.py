@@ -19,8 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vaultgemma_hf  # noqa: F401  (registers VaultGemma with the Auto classes)
-from vaultgemma_hf.cli.train import read_documents
-from vaultgemma_hf.data import DataCollatorForPackedSequences, pack_documents
+from vaultgemma_hf.data import DataCollatorForPackedSequences, pack_documents, read_documents
 from vaultgemma_hf.trainer import DPTrainer, DPTrainingArguments
 
 
@@ -29,20 +28,6 @@ def fixture_paths() -> tuple[str, str]:
     from vaultgemma_hf.fixtures import TINY_CORPUS, TINY_MODEL_DIR
 
     return str(TINY_MODEL_DIR), str(TINY_CORPUS)
-
-
-def read_training_documents(path: str, text_field: str = "text") -> list[str]:
-    """Reads the documents as `vaultgemma-hf train` does, so a `.jsonl` file is not trained on as raw JSON text.
-
-    Args:
-        path: A `.txt` file (one document per non-empty line) or a `.jsonl` file (one JSON object per line).
-        text_field: The key of the document text in `.jsonl` records.
-
-    Returns:
-        The documents, in file order.
-    """
-    documents, _ = read_documents(path, text_field=text_field)
-    return documents
 
 
 def main() -> None:
@@ -72,7 +57,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, use_safetensors=True)
-    documents = read_training_documents(args.train_file, args.text_field)
+    documents, _ = read_documents(args.train_file, args.text_field)  # as `vaultgemma-hf train` reads it
     train = pack_documents(
         documents, tokenizer, seq_len=args.seq_len, max_position_embeddings=model.config.max_position_embeddings
     )

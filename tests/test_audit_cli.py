@@ -7,7 +7,7 @@ import json
 import pytest
 
 from vaultgemma_hf.cli.main import main
-from vaultgemma_hf.cli.train import read_documents
+from vaultgemma_hf.data import read_documents
 from vaultgemma_hf.data.packing import pack_documents
 from vaultgemma_hf.privacy_eval import load_canaries
 from vaultgemma_hf.trainer import DP_STATE_NAME
@@ -93,12 +93,12 @@ def test_audit_commands_end_to_end(tmp_path, tiny_model_dir, corpus, capsys, mon
     assert main([*argv, "--write-model-card", "--guesses", "31", "--output", str(report_path)]) == 2
     assert (out / "README.md").read_text() == card and not report_path.exists()
     # A card that cannot be written after the audit: the report stands, and so does the verdict's exit code.
-    import vaultgemma_hf.trainer.model_card as trainer_card
+    import vaultgemma_hf.atomic_files as atomic_files
 
     def refuse(*_args, **_kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(trainer_card, "atomic_write_text", refuse)
+    monkeypatch.setattr(atomic_files, "atomic_write_text", refuse)
     capsys.readouterr()
     assert main([*argv, "--epsilon", "0.1", "--write-model-card", "--output", str(report_path)]) == 3
     assert json.loads(report_path.read_text())["verdict"] == "violation"

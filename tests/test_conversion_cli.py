@@ -159,6 +159,18 @@ def test_failed_verification_exits_1_and_writes_nothing(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["src.npz"]
 
 
+def test_verify_fails_when_the_logits_carry_no_information(tmp_path, capsys):
+    """Zero embedding rows for the prompt tokens (e.g. the padding rows of a vocabulary read with the wrong size) give
+    all-zero logits on both sides: agreement then proves nothing, and --verify used to report OK."""
+    params = random_jax_params()
+    params["transformer/embedder/input_embedding"][:] = 0.0
+    np.savez(tmp_path / "src.npz", **params)
+    assert run(tmp_path / "src.npz", tmp_path / "hf", "--verify", "--config", "tiny") == 1
+    err = capsys.readouterr().err
+    assert "FAILED (uninformative" in err and "max abs logit diff 0.000e+00" in err
+    assert sorted(os.listdir(tmp_path)) == ["src.npz"]
+
+
 def test_verify_catches_a_broken_mapping(tmp_path, monkeypatch, capsys):
     """--verify is a real check: a converter that swapped gate and up in one layer is caught."""
     import vaultgemma_hf.conversion.pipeline as pipeline

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import dp_accounting
 import pytest
 
 from vaultgemma_hf.cli.main import main
-from vaultgemma_hf.cli.train import read_documents
+from vaultgemma_hf.data import read_documents
 from vaultgemma_hf.data.packing import pack_documents
 from vaultgemma_hf.planning.planner import PLAN_FORMAT, PLAN_FORMAT_VERSION
 from vaultgemma_hf.trainer import DP_STATE_NAME, DPTrainer, DPTrainingArguments
@@ -118,6 +119,37 @@ def test_read_documents_formats(tmp_path):
     txt = tmp_path / "d.txt"
     txt.write_text("one\n\ntwo\n")
     assert read_documents(str(txt)) == (["one", "two"], None)
+    # a byte order mark (Excel, Notepad) is not part of the first document; \r\n and \r end lines, a form feed does not
+    txt.write_bytes("\ufeffone \r\ntwo\rthree\x0cfour\n".encode())
+    assert read_documents(str(txt))[0] == ["one", "two", "three\x0cfour"]
+    path.write_bytes('\ufeff{"text": "a"}\n'.encode())
+    assert read_documents(str(path))[0] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("d.jsonl", '{"text": null}\n', "'text' field is a NoneType, not a string"),  # was trained on as "None"
+        ("d.jsonl", '{"text": 3}\n', "'text' field is a int, not a string"),
+        ("d.jsonl", '["a"]\n', "no 'text' field"),
+        ("d.txt", b"caf\xe9\n", "d.txt:1: not valid UTF-8"),
+        ("d.jsonl", b'{"text": "a"}\n{"text": "\xe9"}\n', "d.jsonl:2: not valid UTF-8"),
+        ("d.txt", "\n \n", "contains no documents"),
+        ("d.csv", "a\n", "Unsupported data file type '.csv'"),
+    ],
+)
+def test_read_documents_refuses_bad_files(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_documents(path)
+
+
+def test_read_documents_user_ids_need_jsonl(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("one\n")
+    with pytest.raises(ValueError, match="need a .jsonl data file"):
+        read_documents(path, user_field="user")
 
 
 # --------------------------------------------------------------------------------------------------- plans
@@ -202,7 +234,7 @@ def test_trainer_checks_the_plan_against_the_data(tmp_path, tiny_kwargs):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("data.csv", "a,b\n", "Unsupported training file type '.csv'"),
+        ("data.csv", "a,b\n", "Unsupported data file type '.csv'"),
         ("data.jsonl", "not json\n", "not valid JSON"),
         ("nope.jsonl", None, "does not exist"),
     ],

@@ -17,11 +17,17 @@ PRINTED_EPSILON = re.compile(r"(\d+) steps: epsilon = (\S+) at delta = (\S+)\. M
 
 
 def test_dp_continued_pretraining_example_runs(tmp_path):
+    """On the fixture corpus given as .jsonl (with an extra field): the example reads files as `train` does."""
+    from vaultgemma_hf.fixtures import TINY_CORPUS
+
+    corpus = tmp_path / "notes.jsonl"
+    lines = Path(TINY_CORPUS).read_text(encoding="utf-8").splitlines()
+    corpus.write_text("".join(json.dumps({"id": i, "note": line}) + "\n" for i, line in enumerate(lines) if line))
     out = tmp_path / "out"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "dp_continued_pretraining.py"), "--max-steps", "1"]
-        + ["--output-dir", str(out)],
+        + ["--train-file", str(corpus), "--text-field", "note", "--output-dir", str(out)],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -45,19 +51,3 @@ def test_dp_continued_pretraining_example_runs(tmp_path):
 
     card = (out / "README.md").read_text(encoding="utf-8")
     assert f"{recorded:.4g}" in card and "NOT PRIVATE" not in card
-
-
-def test_dp_continued_pretraining_example_reads_jsonl_like_train(tmp_path):
-    """The example read every line as a document, so a .jsonl file (the format the docs use) was trained on as raw
-    JSON text; it now reads files as `vaultgemma-hf train` does."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dp_example", ROOT / "examples" / "dp_continued_pretraining.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    data = tmp_path / "notes.jsonl"
-    data.write_text('{"text": "Patient Alex reported", "id": 1}\n\n{"text": "Customer Kim in", "id": 2}\n')
-    assert example.read_training_documents(str(data)) == ["Patient Alex reported", "Customer Kim in"]
-    notes = tmp_path / "notes.txt"
-    notes.write_text("Patient Alex reported\n\n  Customer Kim in \n")
-    assert example.read_training_documents(str(notes)) == ["Patient Alex reported", "Customer Kim in"]

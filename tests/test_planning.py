@@ -338,6 +338,9 @@ def test_count_sequences_matches_the_trainers_packing(tmp_path, tiny_model_dir):
     packed = pack_documents([d for d in docs if d], tokenizer, seq_len=32)
     assert count_sequences(path, 32, tiny_model_dir) == len(packed)
     assert count_sequences(path, 32, tiny_model_dir / "tokenizer.json") == len(packed)
+    separate = pack_documents([d for d in docs if d], tokenizer, seq_len=8, cross_document_boundaries=False)
+    assert len(separate) > len(pack_documents([d for d in docs if d], tokenizer, seq_len=8))  # the option matters
+    assert count_sequences(path, 8, tiny_model_dir, cross_document_boundaries=False) == len(separate)
     txt = tmp_path / "data.txt"
     txt.write_text("a b\n\nc d e\nf\n")
     assert count_sequences(txt, 32) == 3  # one non-empty line = one sequence
@@ -380,6 +383,21 @@ def test_cli_counts_a_dataset_file(tmp_path, capsys):
     assert json.loads((tmp_path / "p.json").read_text())["dataset_size"] == 5000 + len(canary_set.included)
 
 
+def test_cli_counts_packed_sequences_as_the_trainer_packs(tmp_path, tiny_model_dir, capsys):
+    """`--cross-document-boundaries false` counts what `train --cross_document_boundaries false` trains on."""
+    from vaultgemma_hf.data import pack_documents, read_documents
+
+    data = tmp_path / "d.txt"
+    data.write_text("".join(f"patient {i} " + "note " * (i % 11) + "\n" for i in range(300)))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    argv = f"plan --epsilon 1 --dataset {data} --tokenizer {tiny_model_dir} --num-parameters 1e5 --seq-len 16 "
+    argv += f"--batch-sizes 64 --steps 20 --tokens {SMALL_BUDGET} --json {tmp_path / 'p.json'} --quiet"
+    for crossing in (True, False):
+        assert main([*argv.split(), "--cross-document-boundaries", str(crossing).lower()]) == 0
+        packed = pack_documents(read_documents(data)[0], tokenizer, seq_len=16, cross_document_boundaries=crossing)
+        assert json.loads((tmp_path / "p.json").read_text())["dataset_size"] == len(packed)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -390,6 +408,7 @@ def test_cli_counts_a_dataset_file(tmp_path, capsys):
         ["plan", "--epsilon", "1"],  # no dataset
         ["plan", "--epsilon", "1", "--dataset-size", "1000", "--flops", "1e20", "--tokens", "1e9"],
         ["plan", "--epsilon", "1", "--dataset-size", "1000", "--batch-sizes", "64,x"],
+        ["plan", "--epsilon", "1", "--dataset-size", "1000", "--cross-document-boundaries", "maybe"],
     ],
 )
 def test_cli_rejects_bad_flags(argv, capsys):
@@ -404,6 +423,7 @@ def test_cli_rejects_bad_flags(argv, capsys):
     [
         (["--delta", "1.5"], "--delta"),
         (["--tokenizer", "tok"], "--tokenizer is only used with --dataset"),
+        (["--cross-document-boundaries", "false"], "needs --dataset and --tokenizer"),
         (["--config", "no-such-model"], "preset"),
         (["--batch-sizes", "5000"], "exceeds the dataset size"),
         (["--flops", "1"], "smallest feasible budget"),

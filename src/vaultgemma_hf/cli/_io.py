@@ -6,12 +6,12 @@ import argparse
 import contextlib
 import math
 import os
-import stat
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
+
+from vaultgemma_hf.atomic_files import atomic_stream
 
 
 class UsageError(ValueError):
@@ -40,13 +40,12 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _new_file_mode(target: Path) -> int:
-    """The permission bits `open(target, "w")` would leave: the existing file's, else 0o666 minus the umask."""
-    with contextlib.suppress(OSError):
-        return stat.S_IMODE(target.stat().st_mode)
-    umask = os.umask(0)  # the only portable way to read it: set and restore at once
-    os.umask(umask)
-    return 0o666 & ~umask
+def boolean(text: str) -> bool:
+    """argparse type for a true/false value (`--cross-document-boundaries false`), spelled as in `train`."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
 
 
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short -> torch name
@@ -94,16 +93,5 @@ def atomic_output(path: str | os.PathLike | None) -> Iterator[TextIO]:
         with open(target, "w", encoding="utf-8") as stream:
             yield stream
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _new_file_mode(target))  # mkstemp makes 0600; the result gets a normal file's mode
-        with os.fdopen(fd, "w", encoding="utf-8") as stream:
-            yield stream
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_stream(target) as stream:
+        yield stream

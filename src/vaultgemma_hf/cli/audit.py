@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vaultgemma_hf.cli._io import TORCH_DTYPE_NAMES, UsageError, atomic_output, dtype_name
+from vaultgemma_hf.cli._io import TORCH_DTYPE_NAMES, UsageError, atomic_output, boolean, dtype_name
 from vaultgemma_hf.cli._io import positive_int as _positive_int
 from vaultgemma_hf.cli._resolve import DEVICE_CHOICES, _check_output_path, _resolve_device, _resolve_pretrained
 
@@ -94,7 +94,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--text-field", default="text", help="Text key of .jsonl records (default: text).")
     data.add_argument(
         "--cross-document-boundaries",
-        type=lambda text: {"true": True, "false": False}[text.lower()],
+        type=boolean,
         default=True,
         metavar="{true,false}",
         help="Pack as training did (`vaultgemma-hf train --cross_document_boundaries`; default true).",
@@ -244,7 +244,7 @@ def _read_documents(path: str | None, args: argparse.Namespace) -> list[str] | N
     """Reads `--train-file`/`--heldout-file` as training does (None without one); done before any model loads."""
     if path is None:
         return None
-    from vaultgemma_hf.cli.train import read_documents
+    from vaultgemma_hf.data.documents import read_documents
 
     return read_documents(path, args.text_field)[0]
 
@@ -355,7 +355,7 @@ def run_audit(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         return _error("run", err)
     if card is not None:  # after the report: a failure here is reported, and the verdict's exit code still stands
-        from vaultgemma_hf.trainer.model_card import atomic_write_text
+        from vaultgemma_hf.atomic_files import atomic_write_text
 
         try:
             atomic_write_text(card[0], card[1])

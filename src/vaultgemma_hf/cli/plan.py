@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vaultgemma_hf.cli._io import boolean
 from vaultgemma_hf.cli._io import positive_float as _positive_float
 from vaultgemma_hf.cli._io import positive_int as _positive_int
 from vaultgemma_hf.planning.budget import ANCHOR_STEP_SECONDS, ANCHOR_STEP_TOKENS, DEFAULT_MIN_STEPS
@@ -47,6 +48,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     data.add_argument("--tokenizer", help="Tokenizer directory or tokenizer.json used to count tokens of --dataset.")
     data.add_argument("--text-field", default="text", help="Text key of .jsonl records (default: text).")
     data.add_argument("--seq-len", type=_positive_int, default=1024, help="Tokens per sequence S (default: 1024).")
+    data.add_argument(
+        "--cross-document-boundaries",
+        type=boolean,
+        default=True,
+        metavar="{true,false}",
+        help="With --tokenizer: count as `vaultgemma-hf train --cross_document_boundaries` packs (default true: "
+        "sequences span documents; false: each document is cut into its own sequences).",
+    )
     data.add_argument(
         "--canary-file",
         help="Audit canaries that `vaultgemma-hf train --canary-file` will add: N counts the included ones too.",
@@ -124,12 +133,22 @@ def _plan(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401  (ImportError -> install hint)
     if args.tokenizer and not args.dataset:
         raise ValueError("--tokenizer is only used with --dataset.")
+    if not args.cross_document_boundaries and not args.tokenizer:
+        raise ValueError(
+            "--cross-document-boundaries false counts packed sequences: it needs --dataset and --tokenizer."
+        )
     if args.tolerance >= 0.5:
         raise ValueError(f"--tolerance must be < 0.5, got {args.tolerance}.")
     if args.delta is not None and args.delta >= 1:
         raise ValueError(f"--delta must be in (0, 1), got {args.delta}.")
     if args.dataset:
-        dataset_size = count_sequences(args.dataset, args.seq_len, args.tokenizer, text_field=args.text_field)
+        dataset_size = count_sequences(
+            args.dataset,
+            args.seq_len,
+            args.tokenizer,
+            text_field=args.text_field,
+            cross_document_boundaries=args.cross_document_boundaries,
+        )
         how = f"{args.seq_len}-token packed sequences" if args.tokenizer else "documents (one per sequence)"
         print(f"{args.dataset}: {dataset_size:,} {how}.", file=sys.stderr)
     else:

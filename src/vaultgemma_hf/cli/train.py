@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,41 +78,6 @@ def _dataclass_from_namespace(cls: type, namespace: argparse.Namespace) -> Any:
     return cls(**{k: v for k, v in vars(namespace).items() if k in names})
 
 
-def read_documents(
-    path: str, text_field: str = "text", user_field: str | None = None
-) -> tuple[list[str], list | None]:
-    """Reads documents (and user ids) from a .jsonl or .txt file; raises ValueError on malformed input."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"Training file {path!r} does not exist.")
-    documents, users = [], [] if user_field else None
-    if file.suffix == ".jsonl":
-        with file.open(encoding="utf-8") as handle:
-            for line_no, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg}).") from err
-                if not isinstance(record, dict) or text_field not in record:
-                    raise ValueError(f"{path}:{line_no}: record has no {text_field!r} field.")
-                documents.append(str(record[text_field]))
-                if user_field:
-                    if user_field not in record:
-                        raise ValueError(f"{path}:{line_no}: record has no {user_field!r} field.")
-                    users.append(record[user_field])
-    elif file.suffix == ".txt":
-        if user_field:
-            raise ValueError("--user_field needs a .jsonl training file.")
-        documents = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        raise ValueError(f"Unsupported training file type {file.suffix!r}: use .jsonl or .txt.")
-    if not documents:
-        raise ValueError(f"Training file {path!r} contains no documents.")
-    return documents, users
-
-
 def run_train(namespace: argparse.Namespace) -> int:
     """Entry point of `vaultgemma-hf train`."""
     try:
@@ -129,7 +93,7 @@ def _train(data_args: TrainDataArguments, training_args: DPTrainingArguments) ->
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import vaultgemma_hf  # noqa: F401  (registers VaultGemma with the Auto classes)
-    from vaultgemma_hf.data.packing import DataCollatorForPackedSequences, pack_documents
+    from vaultgemma_hf.data import DataCollatorForPackedSequences, pack_documents, read_documents
     from vaultgemma_hf.trainer.dp_trainer import DPTrainer
 
     if training_args.privacy_unit == "user" and not data_args.user_field:

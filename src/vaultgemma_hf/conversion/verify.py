@@ -31,6 +31,10 @@ class VerifyResult:
         num_prompts: Number of random prompts.
         seq_len: Tokens per prompt.
         what: What was compared (for the report).
+        max_logit_spread: max over positions of (max - min reference logit over the vocabulary). Zero means the
+            reference gives every token the same logit everywhere (e.g. the prompt tokens' embedding rows are all
+            zero, as padding rows of a vocabulary read with the wrong size are): agreement then proves nothing, so
+            the check fails.
     """
 
     max_abs_diff: float
@@ -39,13 +43,23 @@ class VerifyResult:
     num_prompts: int
     seq_len: int
     what: str = "HF model vs reference forward over the JAX layout"
+    max_logit_spread: float = float("inf")
+
+    @property
+    def informative(self) -> bool:
+        return bool(self.max_logit_spread > 0)
 
     @property
     def passed(self) -> bool:
-        return bool(np.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.tolerance)
+        return bool(self.informative and np.isfinite(self.max_abs_diff) and self.max_abs_diff <= self.tolerance)
 
     def summary(self) -> str:
         verdict = "OK" if self.passed else "FAILED"
+        if not self.informative:
+            verdict += (
+                " (uninformative: the reference gives every vocabulary entry the same logit at every position, e.g. "
+                "because the prompt tokens' embedding rows are zero; check the vocabulary size and --config)"
+            )
         return (
             f"verify ({self.what}, {self.num_prompts} random prompts x {self.seq_len} tokens): max abs logit "
             f"diff {self.max_abs_diff:.3e} (max |logit| {self.max_abs_logit:.3g}, tolerance {self.tolerance:.3e}) "
@@ -99,6 +113,7 @@ def compare_logits(
         tolerance=rtol * max(1.0, scale),
         num_prompts=reference.shape[0],
         seq_len=reference.shape[1],
+        max_logit_spread=float(np.max(np.ptp(reference, axis=-1))),
     )
     if what:
         result.what = what

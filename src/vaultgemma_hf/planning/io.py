@@ -10,10 +10,10 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from vaultgemma_hf.atomic_files import atomic_write_bytes
 from vaultgemma_hf.planning.planner import PLAN_FORMAT, PLAN_FORMAT_VERSION, Plan
 
 TRAINER_FIELDS = (
@@ -33,22 +33,13 @@ _ROW_FIELDS = ("logical_batch_size", "steps", "noise_multiplier", "epsilon", "de
 
 
 def _write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes ``data`` to a temporary file beside ``path`` and renames it onto ``path``."""
+    """Writes ``data`` to ``path`` atomically (nothing partial on failure); the directory must exist."""
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"output path {target} is a directory; give a file path.")
     if not target.parent.is_dir():
         raise ValueError(f"cannot write {target}: directory {target.parent} does not exist.")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, data)
     return target
 
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vaultgemma_hf.atomic_files import atomic_write_text
 from vaultgemma_hf.data.packing import PackedDataset
-from vaultgemma_hf.trainer.model_card import atomic_write_text
 
 __all__ = [
     "CANARY_FILE_FORMAT",
@@ -146,7 +146,11 @@ def make_canaries(
 
 
 def save_canaries(path: str | os.PathLike, canary_set: CanarySet) -> None:
-    """Writes the canaries (with their secret coins) as JSON Lines, atomically: a header line, then one per canary."""
+    """Writes the canaries (with their secret coins) as JSON Lines, atomically: a header line, then one per canary.
+
+    The file is readable by its owner only (0600), like a key: anyone who reads the coins can tell which canaries
+    were trained on without looking at the model, which would make the audit meaningless.
+    """
     header = {
         "format": CANARY_FILE_FORMAT,
         "vocab_size": canary_set.vocab_size,
@@ -159,7 +163,7 @@ def save_canaries(path: str | os.PathLike, canary_set: CanarySet) -> None:
         json.dumps({"index": c.index, "token_ids": list(c.token_ids), "included": c.included})
         for c in canary_set.canaries
     ]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n", mode=0o600)
 
 
 def _is_int(value: Any) -> bool:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from vaultgemma_hf.atomic_files import atomic_write_text
 from vaultgemma_hf.privacy_eval.audit import AuditReport
-from vaultgemma_hf.trainer.model_card import atomic_write_text
 
 __all__ = [
     "AUDIT_BEGIN",

@@ -40,11 +40,12 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
+from vaultgemma_hf.atomic_files import atomic_write_text
 from vaultgemma_hf.data.packing import check_sequence_length, group_indices_by_user, token_ids_sha256
 from vaultgemma_hf.dp.sampling import DPBatchSampler, fresh_generator, sampling_rate, steps_per_epoch
 from vaultgemma_hf.trainer.batching import EXAMPLE_MASK_KEY, MaskedCollator, MaskedDataset, check_rows, slice_batch
 from vaultgemma_hf.trainer.losses import IGNORE_INDEX, per_example_causal_lm_loss
-from vaultgemma_hf.trainer.model_card import DPTrainingSummary, atomic_write_text, write_model_card
+from vaultgemma_hf.trainer.model_card import DPTrainingSummary, write_model_card
 from vaultgemma_hf.trainer.training_args import DPTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -742,7 +743,8 @@ class DPTrainer(Trainer):
             "batch_sampler": sampler,
             "collate_fn": MaskedCollator(collator, dataset[0]),
             "num_workers": args.dataloader_num_workers,
-            "pin_memory": args.dataloader_pin_memory,
+            # pinned memory only speeds up copies to an accelerator (on CPU, torch warns that it is unused)
+            "pin_memory": args.dataloader_pin_memory and args.device.type != "cpu",
         }
         if args.dataloader_num_workers > 0:
             params["persistent_workers"] = args.dataloader_persistent_workers

@@ -9,12 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING, Decimal
 from importlib import resources
 from string import Template
 from typing import Any
+
+from vaultgemma_hf.atomic_files import atomic_write_text
 
 #: VaultGemma 1B's published pretraining guarantee (model card / technical report).
 VAULTGEMMA_PRETRAINING_GUARANTEE = (
@@ -249,24 +250,6 @@ def _adjacency_text(sampling: str, unit: str) -> tuple[str, str]:
 
 def _seq_len_text(seq_len: int | None) -> str:
     return f" of {seq_len} tokens" if seq_len else ""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` through a temporary file in the same directory and `os.replace`."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_model_card(output_dir: str | os.PathLike, summary: DPTrainingSummary) -> str:
