@@ -18,7 +18,7 @@ import torch
 from transformers.utils import logging
 
 from .errors import ORBAX_HINT, ConversionError, MissingDependencyError
-from .layout import flatten_tree, normalize_jax_keys, training_state_roots, unflatten_tree
+from .layout import flatten_tree, normalize_jax_keys, to_released_tree, training_state_roots
 from .tensors import numpy_to_torch, torch_to_numpy
 
 logger = logging.get_logger(__name__)
@@ -47,6 +47,29 @@ def is_orbax_dir(path: str | os.PathLike) -> bool:
     """True for a directory that looks like an Orbax PyTree checkpoint."""
     path = Path(path)
     return path.is_dir() and any((path / marker).exists() for marker in ORBAX_MARKERS)
+
+
+STEP_ITEM = "default"
+"""The item directory inside a `CheckpointManager` / Kauldron step directory."""
+
+
+def orbax_item_dir(path: str | os.PathLike) -> Path:
+    """The directory holding the PyTree: `path` itself, or `path/default` for a step directory.
+
+    A `CheckpointManager` (and Kauldron's trainer) writes each step as `<step>/_CHECKPOINT_METADATA` plus one
+    directory per item, `default` for a single item; the gemma library's `gm.ckpts.load_params` then reads
+    `<step>/default` (`_get_metadata_and_path` in `gemma/gm/ckpts/_checkpoint.py`). Same here.
+    """
+    path = Path(path)
+    item = path / STEP_ITEM
+    if (
+        (path / "_CHECKPOINT_METADATA").is_file()
+        and not (path / "_METADATA").exists()
+        and item.is_dir()
+        and any((item / marker).exists() for marker in ORBAX_MARKERS)
+    ):
+        return item
+    return path
 
 
 def is_npz(path: str | os.PathLike) -> bool:
@@ -102,15 +125,22 @@ def _restore_params_only(ocp, checkpointer, path: Path, meta: Mapping, restore_a
 def read_orbax(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Restores an Orbax PyTree checkpoint as host numpy arrays and returns `{normalised key: tensor}`.
 
-    Accepted trees: nested with a `transformer` level (`{'transformer': {'layer_0': ...}}`, what `write_orbax`
-    writes), nested without it (`{'embedder', 'layer_0', ..., 'final_norm'}`, what `gm.ckpts.save_params` writes),
-    the flat tree of the released gemma checkpoints (`{'transformer/layer_0/attn/q_einsum': {'w': ...}}`) and a
-    Kauldron trainer state (`{'params', 'opt_state', 'step', 'collections'}`: only `params` is restored).
+    Accepted trees: nested with a `transformer` level (`{'transformer': {'layer_0': ...}}`), nested without it
+    (`{'embedder', 'layer_0', ..., 'final_norm'}`, what `gm.ckpts.save_params` writes), the flat tree of the
+    released gemma checkpoints (`{'transformer/layer_0/attn/q_einsum': {'w': ...}}`, what `write_orbax` writes),
+    its stacked variant (`transformer/stacked_layers/attention_type_{p}/...`) and a Kauldron trainer state
+    (`{'params', 'opt_state', 'step', 'collections'}`: only `params` is restored). `path` may also be a
+    `CheckpointManager` step directory (`<step>/_CHECKPOINT_METADATA` + `<step>/default/`): its `default` item is
+    read, as `gm.ckpts.load_params` does.
     """
     ocp = import_orbax()
     import jax
 
     path = Path(path).absolute()
+    item = orbax_item_dir(path)
+    if item != path:
+        logger.info(f"{path} is a checkpoint step directory: reading its item {item.name!r}")
+        path = item
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         meta = _metadata_tree(checkpointer, path)
@@ -129,7 +159,7 @@ def read_orbax(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except Exception as err:  # orbax raises many types; report them as one clear error
         raise ConversionError(
             f"cannot restore {path} as an Orbax PyTree checkpoint ({type(err).__name__}: {err}). If this is a "
-            "CheckpointManager directory, point to one step's item, e.g. <dir>/<step>/default"
+            "CheckpointManager directory, point to one step, e.g. <dir>/<step> (or its item, <dir>/<step>/default)"
         ) from err
     if not isinstance(tree, Mapping):
         raise ConversionError(f"{path}: the checkpoint holds a {type(tree).__name__}, not a parameter dict")
@@ -138,10 +168,15 @@ def read_orbax(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def write_orbax(params: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Saves `{'a/b/c': tensor}` as the nested tree `{'a': {'b': {'c': array}}}` in an Orbax PyTree checkpoint
-    at `path` (which must not exist yet)."""
+    """Saves canonical JAX-layout params as an Orbax PyTree checkpoint at `path` (which must not exist yet).
+
+    The tree is the FLAT one of the released gemma checkpoints (`to_released_tree`:
+    `{'transformer/layer_0/attn/qkv_einsum': {'w': ...}, 'transformer/layer_0/mlp/gating_einsum': {'w': ...}}`),
+    which both `gm.ckpts.load_params` (with or without `params=`) and the legacy
+    `gemma.params.load_and_format_params` read.
+    """
     ocp = import_orbax()
-    tree = unflatten_tree({key: torch_to_numpy(value) for key, value in params.items()})
+    tree = to_released_tree({key: torch_to_numpy(value) for key, value in params.items()})
     checkpointer = ocp.PyTreeCheckpointer()
     checkpointer.save(Path(path).absolute(), tree)
     wait = getattr(checkpointer, "wait_until_finished", None)

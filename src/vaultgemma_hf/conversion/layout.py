@@ -18,6 +18,11 @@ JAX layout (N heads, K key/value heads, H head_dim, D hidden, F intermediate, V 
     transformer/final_norm/scale               [D]
 
 Norm scales use the `1 + scale` convention on both sides and are copied as is.
+
+Sources checked (google-deepmind/gemma): `gemma/gm/nn/_modules.py` (the `Einsum` shapes of `Attention` and
+`FeedForward`, `Embedder.input_embedding`), `gemma/gm/nn/_layers.py` (`RMSNorm.scale`, `1 + scale`),
+`gemma/gm/nn/_transformer.py` (`embedder`, `layer_{i}`, `final_norm`) and `gemma/gm/ckpts/_checkpoint.py` +
+`_compat.py` (the FLAT, NESTED, STACKED and KAULDRON checkpoint trees).
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ class JaxLayout:
         attention: `"fused"` (`qkv_einsum [3, N, D, H]`, requires K == N) or `"split"`
             (`q_einsum [N, D, H]` + `kv_einsum [2, K, D, H]`).
         gating: `"FD"` (`gating_einsum [2, F, D]`, the gemma library's `transpose_gating_einsum=True`, as in
-            Gemma 2/3) or `"DF"` (`[2, D, F]`).
+            Gemma 2 9B/27B and Gemma 3) or `"DF"` (`[2, D, F]`, `transpose_gating_einsum=False`, as in Gemma 1 and
+            Gemma 2 2B: `gemma/transformer.py`, `TransformerConfig.gemma2_2b`).
         embedding_rows: Rows of `input_embedding` in JAX (>= vocab_size; larger when the table is padded).
         dropped_keys: JAX keys that were dropped on the way to HF (only with `drop_post_norms=True`).
     """
@@ -181,6 +187,58 @@ def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def to_released_tree(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Canonical '/'-joined keys -> the FLAT tree of the released gemma checkpoints.
+
+    `{'transformer/layer_0/attn/qkv_einsum': {'w': ...}, 'transformer/layer_0/mlp/gating_einsum': {'w': ...},
+    'transformer/embedder': {'input_embedding': ...}, ...}`: module paths joined with '/' at the root, one level of
+    leaves below, and a `w` leaf under `mlp/gating_einsum` and `mlp/linear`. This is what the gemma library's
+    `flatten_and_remap_params` produces (`gemma/gm/ckpts/_compat.py`, `gemma/params.py`), and the tree both its
+    loaders read: `gm.ckpts.load_params` (the `FLAT` type of `gemma/gm/ckpts/_checkpoint.py`, with or without
+    `params=`) and the legacy `gemma.params.load_and_format_params`.
+    """
+    tree: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key.endswith(("/mlp/gating_einsum", "/mlp/linear")):
+            module, leaf = key, "w"
+        else:
+            module, leaf = key.rsplit("/", 1)
+        tree.setdefault(module, {})[leaf] = value
+    return tree
+
+
+_STACKED_RE = re.compile(r"^(.*?)stacked_layers/attention_type_(\d+)(/.*)$")
+
+
+def unstack_layers(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Splits the gemma library's STACKED layout into per-layer keys.
+
+    `transformer/stacked_layers/attention_type_{p}/<path>` holds the tensors of layers `p, p + P, p + 2P, ...`
+    stacked on a new leading axis, P being the number of attention types; slice `s` is layer `s * P + p`
+    (`unstack_params` in `gemma/gm/ckpts/_compat.py`). Other keys are kept.
+
+    Raises:
+        ConversionError: a stacked layer also appears unstacked.
+    """
+    matches = {key: m for key in flat if (m := _STACKED_RE.match(key))}
+    if not matches:
+        return dict(flat)
+    pattern_len = 1 + max(int(m.group(2)) for m in matches.values())
+    out = {key: value for key, value in flat.items() if key not in matches}
+    for key, m in matches.items():
+        prefix, index, suffix = m.group(1), int(m.group(2)), m.group(3)
+        value = flat[key]
+        if getattr(value, "ndim", 0) < 1:
+            raise ConversionError(f"{key}: a stacked-layers tensor needs a leading layer axis, got a scalar")
+        for s in range(value.shape[0]):
+            new = f"{prefix}layer_{s * pattern_len + index}{suffix}"
+            if new in out:
+                raise ConversionError(f"key {new!r} appears twice in the checkpoint (stacked and unstacked)")
+            part = value[s]
+            out[new] = part.clone() if isinstance(part, torch.Tensor) else part.copy()  # no shared storage
+    return out
+
+
 TRAINING_STATE_ROOTS = ("opt_state", "step", "collections")
 """Roots of a Kauldron trainer checkpoint (`{'params', 'opt_state', 'step', 'collections'}`) besides `params`."""
 _BARE_ROOT_RE = re.compile(r"^(embedder|final_norm|layer_\d+)$")
@@ -205,6 +263,8 @@ def normalize_jax_keys(flat: Mapping[str, Any]) -> dict[str, Any]:
     * a trainer checkpoint (root `params` beside `opt_state`, `step`, `collections`, as a Kauldron `TrainState`):
       only the `params` subtree is kept, the training state is dropped (with a warning);
     * a leading `params/` (flax variables `{'params': ...}`) is removed;
+    * the STACKED layout (`transformer/stacked_layers/attention_type_{p}/...`, one tensor per attention type with
+      the layers on a leading axis) is split into `transformer/layer_{i}/...` (see `unstack_layers`);
     * a tree without the `transformer` level (`{'embedder', 'layer_0', ..., 'final_norm'}`: the Flax
       `model.init()['params']` structure, which `gm.ckpts.save_params` writes) gets the `transformer/` prefix;
     * `mlp/gating_einsum/w` and `mlp/linear/w` (the raw released checkpoints, before the gemma library's
@@ -217,12 +277,18 @@ def normalize_jax_keys(flat: Mapping[str, Any]) -> dict[str, Any]:
             f"trainer checkpoint: converting its 'params' only; ignored {', '.join(ignored)} (training state)"
         )
         flat = {k: v for k, v in flat.items() if k.split("/", 1)[0] not in ignored}
-    stripped = {key: key.removeprefix("params/") for key in flat}
-    new_roots = {key.split("/", 1)[0] for key in stripped.values()}
+    stripped: dict[str, Any] = {}
+    for key, value in flat.items():
+        new = key.removeprefix("params/")
+        if new in stripped:
+            raise ConversionError(f"key {new!r} appears twice in the checkpoint (as {key!r} and another spelling)")
+        stripped[new] = value
+    flat = unstack_layers(stripped)
+    new_roots = {key.split("/", 1)[0] for key in flat}
     bare = "transformer" not in new_roots and any(_BARE_ROOT_RE.match(root) for root in new_roots)
     out: dict[str, Any] = {}
     for key, value in flat.items():
-        new = ("transformer/" if bare else "") + stripped[key]
+        new = ("transformer/" if bare else "") + key
         for name in ("gating_einsum", "linear"):
             if new.endswith(f"/mlp/{name}/w"):
                 new = new[: -len("/w")]
@@ -281,7 +347,8 @@ def detect_gating_layout(key: str, shape: tuple[int, ...], dims: Dims, explicit:
             raise ConversionError(
                 f"{key}: shape {tuple(shape)} is ambiguous because intermediate_size == hidden_size == {d}: "
                 "[2, F, D] and [2, D, F] look the same. Say which one it is with --gating-layout FD|DF "
-                "(FD = [2, F, D], the gemma library's transpose_gating_einsum=True as in Gemma 2/3)"
+                "(FD = [2, F, D], the gemma library's transpose_gating_einsum=True as in Gemma 2 9B/27B and Gemma 3; "
+                "DF = [2, D, F], transpose_gating_einsum=False as in Gemma 1 and Gemma 2 2B)"
             )
         return explicit
     detected = "FD" if tuple(shape) == (2, f, d) else "DF"
