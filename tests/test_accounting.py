@@ -33,6 +33,11 @@ def pld_epsilon(event: dp_accounting.DpEvent, delta: float, **kwargs) -> float:
     return accountant.get_epsilon(delta)
 
 
+def assert_upper_bound(ours: float, oracle: float, rel: float = 1e-6) -> None:
+    """Our ε is an upper bound on the oracle's and (where the oracle is exact) no looser than ``rel``."""
+    assert oracle <= ours <= oracle * (1 + rel), (ours, oracle)
+
+
 def rdp_epsilon(event: dp_accounting.DpEvent, delta: float) -> float:
     accountant = rdp.RdpAccountant()
     accountant.compose(event)
@@ -67,7 +72,7 @@ def test_poisson_event_and_epsilon_match_dp_accounting():
     event = make_dp_event(1.1, 0.01, 300)
     assert event == poisson_event(1.1, 0.01, 300)
     expected = pld_epsilon(poisson_event(1.1, 0.01, 300), 1e-5)
-    assert compute_epsilon(1.1, 0.01, 300, 1e-5) == expected
+    assert_upper_bound(compute_epsilon(1.1, 0.01, 300, 1e-5), expected)
     assert compute_epsilon(1.1, 0.01, 300, 1e-5, accountant="rdp") == rdp_epsilon(poisson_event(1.1, 0.01, 300), 1e-5)
     # RDP is an upper bound on the (tighter) PLD value
     assert compute_epsilon(1.1, 0.01, 300, 1e-5, accountant="rdp") > expected
@@ -84,7 +89,7 @@ def test_truncated_poisson_uses_the_truncated_event():
     )
     assert event == by_hand
     eps = compute_epsilon(3.0, 0.01, 50, 1e-6, **kwargs)
-    assert eps == pld_epsilon(by_hand, 1e-6)
+    assert_upper_bound(eps, pld_epsilon(by_hand, 1e-6))
     # Truncation can only cost privacy compared with plain Poisson sampling.
     assert eps >= compute_epsilon(3.0, 0.01, 50, 1e-6)
 
@@ -217,7 +222,7 @@ def assert_calibrated(sigma: float, epsilon_of, target: float, tolerance: float 
 )
 def test_calibration_hits_the_target_against_dp_accounting(target, q, steps, delta):
     result = calibrate_noise(target, q, steps, delta)
-    assert result.epsilon == pld_epsilon(poisson_event(result.noise_multiplier, q, steps), delta)
+    assert_upper_bound(result.epsilon, pld_epsilon(poisson_event(result.noise_multiplier, q, steps), delta))
     assert_calibrated(result.noise_multiplier, lambda s: pld_epsilon(poisson_event(s, q, steps), delta), target)
     assert calibrate_noise_multiplier(target, q, steps, delta) == result.noise_multiplier
 
@@ -236,7 +241,7 @@ def test_calibration_at_a_coarser_pld_precision_reports_that_precision():
     result = calibrate_noise(target, q, steps, delta, pld_discretization=1e-3)
     assert result.pld_discretization == 1e-3
     coarse = lambda s: pld_epsilon(poisson_event(s, q, steps), delta, value_discretization_interval=1e-3)  # noqa: E731
-    assert result.epsilon == coarse(result.noise_multiplier)
+    assert_upper_bound(result.epsilon, coarse(result.noise_multiplier))
     assert_calibrated(result.noise_multiplier, coarse, target)
     # The coarser interval is an upper bound on the finer one here (nested grids), close to it.
     fine = pld_epsilon(poisson_event(result.noise_multiplier, q, steps), delta)
@@ -374,7 +379,7 @@ def test_accountant_tracks_steps_like_compute_epsilon():
     acc.step()
     acc.step(99)
     assert acc.steps == 100
-    assert acc.get_epsilon(1e-5) == pld_epsilon(poisson_event(1.0, 0.01, 100), 1e-5)
+    assert_upper_bound(acc.get_epsilon(1e-5), pld_epsilon(poisson_event(1.0, 0.01, 100), 1e-5))
     with pytest.raises(ValueError, match="num_steps"):
         acc.step(-1)
     assert PrivacyAccountant(0.0, 0.01, accountant="rdp").get_epsilon(1e-5) == 0.0

@@ -206,7 +206,9 @@ def test_audit_run_reads_the_claim_from_dp_state(model_with_state, capsys):
     accountant = dp_accounting.pld.PLDAccountant()
     accountant.compose(event)
     assert code == 0 and data["delta"] == 1e-8
-    assert data["claimed_epsilon"] == pytest.approx(accountant.get_epsilon(1e-8), rel=1e-9)
+    # rel 1e-6: at this (δ, T) our accountant composes in 80-bit precision with a round-off margin (an upper bound on
+    # the exact composition, tests/test_accounting_oracles.py), dp_accounting in float64: they differ by ~1e-7
+    assert data["claimed_epsilon"] == pytest.approx(accountant.get_epsilon(1e-8), rel=1e-6)
     assert data["claimed_epsilon"] > 14 and "recomputed from the saved accountant" in capsys.readouterr().err
     # --epsilon is the user's own claim; its δ defaults to the state's.
     code, data = model_with_state(state, "--epsilon", "5")

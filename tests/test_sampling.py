@@ -222,3 +222,17 @@ def test_masked_collator_handles_padding_and_empty_micro_batches():
     assert torch.equal(first["input_ids"][0], data[1]["input_ids"])
     assert empty["input_ids"].shape == (0, 4) and empty[EXAMPLE_MASK_KEY].shape == (0,)
     assert last[EXAMPLE_MASK_KEY].tolist() == [True]
+
+
+def test_shuffle_iterations_must_be_whole_epochs():
+    """Each iteration draws a fresh permutation; shorter iterations reuse units within one accounted epoch."""
+    from vaultgemma_hf.dp.accounting import shuffle_epochs
+
+    kwargs = dict(sampling="shuffle", micro_batches_per_step=1, micro_batch_size=2)
+    # N = 10, L = 2: the accountant counts ceil(T / 5) epochs, so 4 steps are one Gaussian per unit.
+    assert shuffle_epochs(4, 10, 2) == 1
+    with pytest.raises(ValueError, match="num_steps"):
+        DPBatchSampler(10, 2, generator=torch.Generator().manual_seed(0), num_steps=2, **kwargs)
+    sampler = DPBatchSampler(10, 2, generator=torch.Generator().manual_seed(0), **kwargs)
+    used = [unit for batch in list(sampler)[:4] for unit in batch]
+    assert len(used) == len(set(used))  # within an epoch every unit is used at most once

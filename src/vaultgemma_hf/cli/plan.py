@@ -208,10 +208,12 @@ def _print_plan(plan) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from vaultgemma_hf.numbers import round_up
+
     console = Console(width=None if sys.stdout.isatty() else 150)  # pipes/files get a full-width table
     table = Table(
         title=(
-            f"DP budget plan: ε = {plan.target_epsilon:g}, δ = {plan.target_delta:.3g}, N = {plan.dataset_size:,} x "
+            f"DP budget plan: ε = {plan.target_epsilon:g}, δ = {round_up(plan.target_delta, 3)}, N = {plan.dataset_size:,} x "
             f"{plan.seq_len} tokens, M = {plan.num_parameters:,}, budget {plan.flops_budget:.3g} FLOPs "
             f"({plan.budget_description})"
         ),
@@ -232,9 +234,9 @@ def _print_plan(plan) -> None:
             mark,
             f"{row.logical_batch_size:,}",
             f"{row.steps:,}",
-            f"{row.noise_multiplier:.4g}" if ok else "unreachable",
+            round_up(row.noise_multiplier) if ok else "unreachable",
             f"{row.noise_batch_ratio:.3g}" if ok else "-",
-            f"{row.epsilon:.4g}" if ok else "-",
+            round_up(row.epsilon) if ok else "-",
             f"{row.sampling_rate:.3g}",
             f"{row.epochs:.3g}",
             f"{row.tokens:.3g}",

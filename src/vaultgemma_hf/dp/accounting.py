@@ -225,8 +225,10 @@ def _check_sampling(
     if dataset_size is not None and logical_batch_size is not None:
         if logical_batch_size > dataset_size:
             raise ValueError(f"logical_batch_size ({logical_batch_size}) exceeds dataset_size ({dataset_size}).")
-        # The expected batch of Poisson sampling is q * N; a rate that does not match the batch is a wiring bug.
-        if abs(sampling_rate * dataset_size - logical_batch_size) > 1.0:
+        # The expected batch of Poisson sampling is q * N; a rate that does not match the batch is a wiring bug. The
+        # samplers draw with q = L / N exactly, so only float round-off is tolerated: a rate even one unit (1/N)
+        # low would under-report ε (by up to 2x for L = 2).
+        if abs(sampling_rate * dataset_size - logical_batch_size) > 1e-9 * logical_batch_size:
             raise ValueError(
                 f"sampling_rate={sampling_rate} does not match logical_batch_size / dataset_size = "
                 f"{logical_batch_size}/{dataset_size} = {logical_batch_size / dataset_size:.6g}."
@@ -321,11 +323,12 @@ def _epsilon(
     event = _event(noise_multiplier, steps, spec)
     if accountant == "pld":
         acc = pld.PLDAccountant(value_discretization_interval=pld_discretization)
-        if delta <= steps * PLD_NOISE_FLOOR_PER_STEP:  # float64 composition too imprecise for this δ
-            _check_extended_precision(delta, steps)
-            with _extended_precision_composition():
-                acc.compose(event)
-                return float(acc.get_epsilon(delta))
+        extended, roundoff = _composition_precision(delta, steps)
+        with _extended_precision_composition() if extended else contextlib.nullcontext():
+            acc.compose(event)
+        # The composed PMF carries absolute errors of about T x (unit round-off) in either direction: reading ε off
+        # at δ minus a multiple of that makes the reported ε an upper bound rather than an estimate.
+        return float(acc.get_epsilon(delta - composition_error_margin(steps, roundoff)))
     else:
         if spec.scheme == "truncated_poisson":
             raise ValueError(
@@ -394,7 +397,55 @@ PLD_NOISE_FLOOR_PER_STEP = 1e-14
 PLD_EXTENDED_FLOOR_PER_STEP = 1e-17
 """The same floor for the extended-precision (80-bit) composition used below ``PLD_NOISE_FLOOR_PER_STEP``."""
 
+PLD_FLOAT64_EXACT_PER_STEP = 1e-10
+"""δ above ``steps ×`` this is where the float64 composition's error in ε is below ~1e-7 relative (measured against
+a direct-convolution oracle); at or below it, ε is composed in 80-bit extended precision where available."""
+
+COMPOSITION_ERROR_FACTOR = 10.0
+"""ε is read off at ``δ - COMPOSITION_ERROR_FACTOR × T × u`` (u: unit round-off of the composition)."""
+
 _EXTENDED_LOCK = threading.Lock()
+
+
+def composition_error_margin(steps: int, roundoff: float) -> float:
+    """The δ set aside for the round-off of an FFT self-composition of ``steps`` steps.
+
+    dp_accounting composes T steps as one FFT raised to the power T, so every entry of the composed PMF carries an
+    absolute error of about ``T × u`` (u: the unit round-off of the arithmetic), in either direction. Measured
+    against a direct (FFT-free, non-negative, so relatively exact) convolution of the same one-step PMF, the
+    error in δ(ε) stays below ``T × u``; ε read off at ``δ - 10 T u`` is therefore an upper bound on the ε of the
+    discretised PLD, where ε read off at δ was measured up to 5.5e-4 (relative) too *small* at
+    δ = 1.5 T × 1e-14 in float64 and 3.8e-5 too small at δ = 1.25 T × 1e-17 in 80-bit precision.
+
+    Args:
+        steps: T, the number of self-composed steps.
+        roundoff: u, the unit round-off of the composition's arithmetic.
+
+    Returns:
+        The margin in δ.
+    """
+    return COMPOSITION_ERROR_FACTOR * steps * roundoff
+
+
+def _composition_precision(delta: float, steps: int) -> tuple[bool, float]:
+    """``(extended, unit round-off)`` of the PLD composition used for ε at ``delta`` after ``steps`` steps.
+
+    Float64 above ``T × PLD_FLOAT64_EXACT_PER_STEP``; below it 80-bit extended precision where the platform has
+    it, down to ``T × PLD_EXTENDED_FLOOR_PER_STEP``; float64 (with its larger margin) down to
+    ``T × PLD_NOISE_FLOOR_PER_STEP`` where it has not.
+
+    Raises:
+        ValueError: Where no composition is precise enough for ``delta``.
+    """
+    import numpy as np
+
+    float64_roundoff = float(np.finfo(np.float64).eps)
+    if delta > steps * PLD_FLOAT64_EXACT_PER_STEP:
+        return False, float64_roundoff
+    if not _extended_precision_available() and delta > steps * PLD_NOISE_FLOOR_PER_STEP:
+        return False, float64_roundoff
+    _check_extended_precision(delta, steps)
+    return True, float(np.finfo(np.longdouble).eps)
 
 
 def pld_precision_warning(delta: float, steps: int) -> str | None:
@@ -404,9 +455,11 @@ def pld_precision_warning(delta: float, steps: int) -> str | None:
     about T × 1e-16 (float64 round-off amplified T times). ε is read off where the PMF's tail mass is δ, so once
     that error reaches ~1% of δ (δ <= T × 1e-14) the float64 ε is wrong, in both directions: measured at
     q = 4.1e-5, T = 100,582, δ = 7.9e-12 it is 1.98 / 2.04 / 2.05 / 6.83 for σ = 0.621 / 0.622 / 0.623 / 0.624,
-    where an 80-bit computation gives 2.132 / 2.113 / 2.094 / 2.075 (see docs/source/en/planning.md). Below that
-    line `compute_epsilon` (and so calibration, the planner and the trainer) compose in 80-bit precision instead,
-    which holds down to δ = T × 1e-17, and refuse beyond it.
+    where an 80-bit computation gives 2.132 / 2.113 / 2.094 / 2.075 (see docs/source/en/planning.md). There
+    `compute_epsilon` (and so calibration, the planner and the trainer) compose in 80-bit precision, which holds
+    down to δ = T × 1e-17, and refuse beyond it. (They already switch to 80-bit below δ = T ×
+    ``PLD_FLOAT64_EXACT_PER_STEP``, where float64 is merely a little imprecise; this note is for the range where it
+    is wrong.)
     """
     if steps >= 1 and delta <= steps * PLD_NOISE_FLOOR_PER_STEP:
         return (

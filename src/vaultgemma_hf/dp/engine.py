@@ -401,8 +401,8 @@ class DPGradientEngine:
             example_mask: optional ``[B]`` bool; ``False`` rows are padding and contribute nothing.
 
         Returns:
-            ``[B]`` per-sample gradient norms over all trainable parameters before clipping (float32, 0 for masked
-            rows).
+            ``[B]`` per-sample gradient norms over all trainable parameters before clipping (float32; float64 for
+            float64 parameters or ``norm_dtype``; 0 for masked rows).
 
         Raises:
             ValueError: bad shapes, or a non-finite per-sample gradient norm.
@@ -467,7 +467,11 @@ class DPGradientEngine:
                     len(unused),
                     ", ".join(unused[:20]) + (" ..." if len(unused) > 20 else ""),
                 )
-        sq = torch.zeros(batch, dtype=self.norm_dtype, device=device)
+        sq_dtype = self.norm_dtype  # float64 contributions (float64 models) keep their precision in the norms
+        for uses in by_param.values():
+            for c in uses:
+                sq_dtype = torch.promote_types(sq_dtype, c.sq_norms.dtype)
+        sq = torch.zeros(batch, dtype=sq_dtype, device=device)
         for uses in by_param.values():
             for i, c in enumerate(uses):
                 sq += c.sq_norms.to(device=device, dtype=sq.dtype)
@@ -478,7 +482,9 @@ class DPGradientEngine:
             bad = torch.nonzero(~torch.isfinite(norms)).flatten().tolist()
             raise ValueError(
                 f"Non-finite per-sample gradient norm for sample(s) {bad} of the micro-batch; nothing was "
-                "accumulated. Check the per-example loss (e.g. division by zero labelled tokens)."
+                "accumulated. Check the per-example loss (e.g. division by zero labelled tokens). If the gradients "
+                f"are finite but huge (a norm above ~{math.sqrt(torch.finfo(sq.dtype).max):.1e} overflows when "
+                f"squared in {sq.dtype}), build the engine with norm_dtype=torch.float64."
             )
         factors = gn.clip_factors(norms, self.max_grad_norm) * mask.to(norms.dtype)
         factors_host = factors.tolist()

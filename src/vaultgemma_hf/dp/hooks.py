@@ -15,6 +15,8 @@ in :mod:`vaultgemma_hf.dp.grad_norms`.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -51,6 +53,26 @@ class UnsupportedModuleError(ValueError):
 
 def _describe(name: str, module: nn.Module) -> str:
     return f"'{name or '<root>'}' ({type(module).__module__}.{type(module).__qualname__})"
+
+
+def _check_unmodified(rule: ModuleRule, recorded: list[tuple[torch.Tensor, int]]) -> None:
+    """Raises if a tensor recorded in a module's forward was modified in place before its gradient arrived.
+
+    With the module's parameters switched off during its forward, autograd does not save the module's inputs for a
+    weight gradient, so its usual "modified by an inplace operation" error cannot fire; the engine, which reads the
+    recorded inputs in backward, checks their version counters instead (one integer comparison per tensor).
+
+    Raises:
+        UnsupportedModuleError: a recorded input changed (the message names the module).
+    """
+    for tensor, version in recorded:
+        if tensor._version != version:
+            raise UnsupportedModuleError(
+                f"An input of module {rule.describe()} was modified in place after the module's forward (tensor "
+                f"version {version} -> {tensor._version}), before its gradient was computed; the DP engine reads "
+                "the recorded inputs in backward and would compute a wrong per-sample gradient. Avoid the in-place "
+                "operation on the module's input (e.g. x = x * s instead of x.mul_(s))."
+            )
 
 
 # ----------------------------------------------------------------------------------------------- contributions
@@ -231,10 +253,13 @@ class _LinearCall(Call):
     def __init__(self, rule: LinearRule, A: torch.Tensor | None) -> None:
         super().__init__(rule)
         self.A = A  # None when only the bias is trainable
+        self.version = A._version if A is not None else 0
 
     def contributions(self, G: torch.Tensor) -> list[Contribution]:
         rule, engine = self.rule, self.rule.engine
         original, self.A = self.A, None
+        if original is not None:
+            _check_unmodified(rule, [(original, self.version)])
         G = gn.flatten_tokens(G)
         out: list[Contribution] = []
         for attr, param in rule.params:
@@ -274,10 +299,12 @@ class _EmbeddingCall(Call):
     def __init__(self, rule: EmbeddingRule, ids: torch.Tensor) -> None:
         super().__init__(rule)
         self.ids = ids
+        self.version = ids._version
 
     def contributions(self, G: torch.Tensor) -> list[Contribution]:
         rule = self.rule
         assert isinstance(rule, EmbeddingRule)
+        _check_unmodified(rule, [(self.ids, self.version)])
         (_, param) = rule.params[0]
         contribution = EmbeddingContribution(
             param, self.ids, G, rule.scale, rule.module.padding_idx, dtype=rule.engine.norm_dtype
@@ -286,16 +313,30 @@ class _EmbeddingCall(Call):
 
 
 class _GenericCall(Call):
-    def __init__(self, rule: GenericRule, args: tuple, kwargs: dict, autocast: tuple[str, bool, torch.dtype]) -> None:
+    def __init__(
+        self,
+        rule: GenericRule,
+        args: tuple,
+        kwargs: dict,
+        autocast: tuple[str, bool, torch.dtype],
+        modes: tuple[bool, ...],
+    ) -> None:
         super().__init__(rule)
         self.args = args
         self.kwargs = kwargs
         self.autocast = autocast
+        self.modes = modes  # the training flags of the module and its submodules during the forward
+        flat = (
+            args if not kwargs and all(isinstance(x, torch.Tensor) for x in args) else tree_flatten((args, kwargs))[0]
+        )
+        self.versions = [(x, x._version) for x in flat if isinstance(x, torch.Tensor)]
 
     def contributions(self, G: torch.Tensor) -> list[Contribution]:
         rule = self.rule
         assert isinstance(rule, GenericRule)
-        grads = rule.per_sample_grads(self.args, self.kwargs, G, self.autocast)
+        _check_unmodified(rule, self.versions)
+        self.versions = []
+        grads = rule.per_sample_grads(self.args, self.kwargs, G, self.autocast, self.modes)
         self.args, self.kwargs = (), {}
         return [
             MaterializedContribution(param, grads[attr].to(gn._promote(grads[attr].dtype, rule.engine.norm_dtype)))
@@ -433,15 +474,43 @@ class GenericRule(ModuleRule):
     Fast path: most such parameters only broadcast against the activations (``x * (1 + weight)``, ``x + bias``).
     Then one batched recomputation with each parameter replaced by per-sample copies of shape
     ``[B, 1, ..., 1, *p.shape]`` gives all per-sample gradients at once (``autograd.grad`` with respect to the
-    copies), without ``vmap``'s per-call overhead. It is used only after it reproduced the ``vmap`` result at the
-    module's first backward; otherwise ``vmap`` is used for good.
+    copies), without ``vmap``'s per-call overhead. It is used only after it reproduced a non-zero ``vmap`` result
+    (checked once per train/eval state of the module); otherwise ``vmap`` is used for good. The recomputation runs
+    in the train/eval state of the recorded forward; a module drawing random numbers (dropout) in its own forward
+    is refused by ``vmap`` with an error naming it.
     """
 
     kind = "generic"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.fast: bool | None = None  # None until checked against vmap at the first backward
+        self._submodules: tuple[nn.Module, ...] = tuple(self.module.modules())
+        # Whether the batched fast path reproduced vmap, per train/eval state of the module and its submodules (a
+        # module may be deterministic in eval mode and use dropout in train mode); missing until checked.
+        self._fast: dict[tuple[bool, ...], bool] = {}
+
+    def _modes(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self._submodules)
+
+    @property
+    def fast(self) -> bool | None:
+        """Whether the fast path is used in the current train/eval state (None: not checked yet)."""
+        return self._fast.get(self._modes())
+
+    @contextlib.contextmanager
+    def _in_modes(self, modes: tuple[bool, ...]) -> Iterator[None]:
+        """Puts the module and its submodules in the train/eval state they had during the recorded forward."""
+        now = self._modes()
+        if now == modes:
+            yield
+            return
+        for m, flag in zip(self._submodules, modes):
+            m.training = flag
+        try:
+            yield
+        finally:
+            for m, flag in zip(self._submodules, now):
+                m.training = flag
 
     def make_call(self, args: tuple, kwargs: dict, output: Any) -> Call:
         if not isinstance(output, torch.Tensor):
@@ -455,30 +524,68 @@ class GenericRule(ModuleRule):
             torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type),
         )
-        return _GenericCall(self, args, kwargs, autocast)
+        return _GenericCall(self, args, kwargs, autocast, self._modes())
 
     def per_sample_grads(
-        self, args: tuple, kwargs: dict, G: torch.Tensor, autocast: tuple[str, bool, torch.dtype]
+        self,
+        args: tuple,
+        kwargs: dict,
+        G: torch.Tensor,
+        autocast: tuple[str, bool, torch.dtype],
+        modes: tuple[bool, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample gradients ``{attribute: [B, *p.shape]}`` of the module's own trainable parameters."""
+        """Per-sample gradients ``{attribute: [B, *p.shape]}`` of the module's own trainable parameters.
+
+        Args:
+            args: the recorded positional inputs.
+            kwargs: the recorded keyword inputs.
+            G: ``[B, ...]`` output gradient.
+            autocast: ``(device_type, enabled, dtype)`` during the recorded forward.
+            modes: train/eval flags of the module and its submodules during the recorded forward (default: now).
+                The recomputation runs in that state, and the fast path is validated separately for each state.
+        """
         device_type, enabled, dtype = autocast
+        modes = self._modes() if modes is None else modes
         try:
-            with self.engine._suspended(), torch.enable_grad(), torch.autocast(device_type, dtype, enabled=enabled):
-                if self.fast:
+            with (
+                self.engine._suspended(),
+                self._in_modes(modes),
+                torch.enable_grad(),
+                torch.autocast(device_type, dtype, enabled=enabled),
+            ):
+                fast = self._fast.get(modes)
+                if fast:
                     return self._expanded(args, kwargs, G)
                 reference = self._vmapped(args, kwargs, G)
-                if self.fast is None:
-                    self.fast = self._check_expanded(args, kwargs, G, reference)
+                if fast is None:
+                    checked = self._check_expanded(args, kwargs, G, reference)
+                    if checked is not None:
+                        self._fast[modes] = checked
                 return reference
         except UnsupportedModuleError:
             raise
         except Exception as err:  # noqa: BLE001 - re-raised with the module named
+            hint = (
+                " The module draws random numbers (dropout?) in its forward, which cannot be replayed per sample: "
+                "disable it (p=0 / eval mode) or freeze the module's own parameters."
+                if "random" in str(err)
+                else ""
+            )
             raise UnsupportedModuleError(
                 f"The generic per-sample rule (torch.func vmap/vjp of the module's forward) failed for module "
-                f"{self.describe()}: {type(err).__name__}: {err}"
+                f"{self.describe()}: {type(err).__name__}: {err}.{hint}"
             ) from err
 
-    def _check_expanded(self, args: tuple, kwargs: dict, G: torch.Tensor, reference: dict[str, torch.Tensor]) -> bool:
+    def _check_expanded(
+        self, args: tuple, kwargs: dict, G: torch.Tensor, reference: dict[str, torch.Tensor]
+    ) -> bool | None:
+        """Whether the fast path reproduces the vmap ``reference``; None (undecided) if the reference is all zero.
+
+        An all-zero reference (e.g. a zero-initialised gate upstream, or a loss that ignores the module at the first
+        step) would be matched by a fast path that is wrong in general (a parameter reduced over the batch copies).
+        """
+        if all(not bool(ref.any()) for ref in reference.values()):
+            return None
         try:
             fast = self._expanded(args, kwargs, G)
         except Exception:  # noqa: BLE001 - the parameter does not simply broadcast: keep vmap

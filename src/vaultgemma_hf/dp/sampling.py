@@ -159,6 +159,15 @@ class DPBatchSampler(Sampler[list[int]]):
         self.rank = rank
         self.groups = groups
         self.num_steps = steps_per_epoch(num_units, logical_batch_size, sampling) if num_steps is None else num_steps
+        if sampling == "shuffle" and self.num_steps != steps_per_epoch(num_units, logical_batch_size, sampling):
+            # Every iteration draws a fresh permutation: shorter iterations would let a unit be used again within
+            # what the accountant counts as one epoch of floor(N / L) steps (ε under-reported); longer ones do not
+            # exist (a permutation has only floor(N / L) full batches).
+            raise ValueError(
+                f"sampling='shuffle' needs num_steps = floor(N / L) = "
+                f"{steps_per_epoch(num_units, logical_batch_size, sampling)} (one permutation per iteration, as the "
+                f"accountant assumes), got {self.num_steps}."
+            )
         if self.num_steps < 1:
             raise ValueError(
                 f"No full logical batch of {logical_batch_size} fits in {num_units} units (sampling={sampling!r})."

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vaultgemma_hf.atomic_files import atomic_write_bytes
+from vaultgemma_hf.numbers import round_up as _round_up
 from vaultgemma_hf.planning.planner import PLAN_FORMAT, PLAN_FORMAT_VERSION, Plan
 
 TRAINER_FIELDS = (
@@ -110,7 +111,7 @@ def plot_plan(plan: Plan, path: str | os.PathLike) -> Path:
         ax.set_xlabel("training compute C = 6·M·B·S·T (FLOPs)")
         ax.set_ylabel("noise-batch ratio σ̄ = σ / B")
         ax.set_title(
-            f"DP budget plan: ε = {plan.target_epsilon:g}, δ = {plan.target_delta:.2g}, "
+            f"DP budget plan: ε = {plan.target_epsilon:g}, δ = {_round_up(plan.target_delta, 2)}, "
             f"N = {plan.dataset_size:,} sequences of {plan.seq_len}"
         )
         ax.grid(True, which="both", alpha=0.3)

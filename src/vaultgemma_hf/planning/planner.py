@@ -40,6 +40,7 @@ from vaultgemma_hf.dp.accounting import (
     dp_accounting_version,
     pld_precision_warning,
 )
+from vaultgemma_hf.numbers import round_up
 from vaultgemma_hf.planning import budget as _budget
 from vaultgemma_hf.planning.model_size import VAULTGEMMA_1B_PARAMETERS
 
@@ -344,8 +345,8 @@ def _explain(plan_rows: list[PlanRow], index: int | None, reached: bool, min_ste
     row = plan_rows[index]
     text = [
         f"Recommended: logical batch {row.logical_batch_size:,} sequences for {row.steps:,} steps "
-        f"(noise multiplier σ = {row.noise_multiplier:.4g}, noise-batch ratio σ̄ = σ/B = "
-        f"{row.noise_batch_ratio:.3g}; ε = {row.epsilon:.4g} ≤ {epsilon:g}, {row.epochs:.3g} epochs, "
+        f"(noise multiplier σ = {round_up(row.noise_multiplier)}, noise-batch ratio σ̄ = σ/B = "
+        f"{row.noise_batch_ratio:.3g}; ε = {round_up(row.epsilon)} ≤ {epsilon:g}, {row.epochs:.3g} epochs, "
         f"{row.flops:.3g} FLOPs).",
         "Why: for a fixed model the DP scaling law says the loss improves with more steps T and with less noise "
         "on the averaged gradient, σ̄ = σ/B. Within a fixed compute budget these pull apart: a larger batch "

@@ -10,12 +10,12 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, Decimal
 from importlib import resources
 from string import Template
 from typing import Any
 
 from vaultgemma_hf.atomic_files import atomic_write_text
+from vaultgemma_hf.numbers import round_up
 
 #: VaultGemma 1B's published pretraining guarantee (model card / technical report).
 VAULTGEMMA_PRETRAINING_GUARANTEE = (
@@ -107,14 +107,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def _fmt_up(value: float | None, digits: int = 4) -> str:
-    """Like `_fmt`, but rounded up (towards +inf) to `digits` significant digits, so a printed ε or δ is never
-    smaller than the computed one (nearest rounding would under-state the guarantee's ε or δ, e.g. 1.23441 ->
-    1.234). The value is taken at its shortest round-trip decimal (`repr`), so a δ given as 1e-5 prints 1e-05."""
-    if value is None or math.isinf(value) or value == 0:
-        return _fmt(value, digits)
-    exact = Decimal(repr(float(value)))
-    quantum = Decimal(1).scaleb(exact.adjusted() - digits + 1)
-    return f"{float(exact.quantize(quantum, rounding=ROUND_CEILING)):.{digits}g}"
+    """Like `_fmt`, but rounded up (`round_up`), so a printed ε or δ is never smaller than the computed one."""
+    return _fmt(value, digits) if value is None or math.isinf(value) else round_up(value, digits)
 
 
 def _fmt_bound(value: float | None, digits: int) -> str:
