@@ -40,6 +40,16 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
+try:  # accelerate >= 0.33; the HF Trainer uses the same helper for torch_empty_cache_steps
+    from accelerate.utils.memory import clear_device_cache
+except ImportError:  # pragma: no cover - older accelerate
+
+    def clear_device_cache() -> None:
+        """Empties the CUDA cache (fallback of accelerate's helper)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 from vaultgemma_hf.atomic_files import atomic_write_text
 from vaultgemma_hf.data.packing import check_sequence_length, group_indices_by_user, token_ids_sha256
 from vaultgemma_hf.dp.sampling import DPBatchSampler, fresh_generator, sampling_rate, steps_per_epoch
@@ -129,6 +139,8 @@ class DPTrainer(Trainer):
         self._dp_eps_cache: tuple[int, float] | None = None
         # whether any step of the run (resumed parts included) used seeded, reproducible noise (testing only)
         self._dp_seeded_noise = False
+        self._dp_last_mask: torch.Tensor | None = None
+        self._check_eval_driven_choices()
         self.add_callback(DPCallback(self))
 
     # ------------------------------------------------------------------------------------------------ public API
@@ -144,6 +156,53 @@ class DPTrainer(Trainer):
         if delta == self.target_delta:
             self._dp_eps_cache = (steps, epsilon)
         return epsilon
+
+    def hyperparameter_search(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused: every trial trains on the same private data and spends privacy budget.
+
+        Raises:
+            ValueError: Always; the message explains why.
+        """
+        raise ValueError(
+            "hyperparameter_search is not supported by DPTrainer: every trial trains on the same private data and "
+            "spends privacy budget, and choosing the best trial uses that data again; the epsilon of one run's "
+            "accountant covers none of this. Tune hyperparameters on public or held-out non-sensitive data, or "
+            "account for all trials together."
+        )
+
+    def _check_eval_driven_choices(self) -> None:
+        """Refuses (or warns about) training decisions driven by evaluation metrics.
+
+        `load_best_model_at_end` picks the released weights, and the ``reduce_lr_on_plateau`` scheduler sets the
+        learning rate, from evaluation metrics computed without noise. On the training data itself that choice is
+        a non-private function of the data that the accountant does not count: refused. On another evaluation set
+        the guarantee covers the choice only if that set is public (or not sensitive): warned.
+
+        Raises:
+            ValueError: If such a choice is made on the training dataset itself.
+        """
+        args = self.args
+        scheduler = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        uses = [name for name, on in (
+            ("load_best_model_at_end", args.load_best_model_at_end),
+            ("lr_scheduler_type='reduce_lr_on_plateau'", scheduler == "reduce_lr_on_plateau"),
+        ) if on]  # fmt: skip
+        if not uses:
+            return
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, Mapping) else [self.eval_dataset]
+        if self.train_dataset is not None and any(e is self.train_dataset for e in evals):
+            raise ValueError(
+                f"{' and '.join(uses)} with the training dataset as eval_dataset is refused: the choice (released "
+                "checkpoint or learning rate) would be made from noise-free metrics of the private training data, "
+                "which the privacy accountant does not count, so the released model would not have the reported "
+                "guarantee. Evaluate on public (or non-sensitive held-out) data, or turn the option off."
+            )
+        logger.warning(
+            "%s: the choice is made from evaluation metrics computed without noise. The DP guarantee covers it only "
+            "if the evaluation data is public (not sensitive); on private evaluation data the released model is not "
+            "covered by the reported epsilon.",
+            " and ".join(uses),
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any):
         """Sets up privacy (calibration, budget check, accountant restore on resume), then runs `Trainer.train`."""
@@ -679,6 +738,24 @@ class DPTrainer(Trainer):
         if self.args.should_save and self.privacy_accountant is not None:
             write_model_card(self.args.output_dir, self.dp_training_summary())
 
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.push_to_hub`, with a warning about what the upload holds beyond the DP-protected weights.
+
+        The upload includes the DP model card (with the training data's SHA-256) and ``dp_state.json``; with
+        ``hub_strategy="checkpoint"`` / ``"all_checkpoints"`` also ``trainer_state.json`` (the training logs). None of
+        these is covered by the guarantee (see docs/source/en/dp_trainer.md): they are uploaded as the HF Trainer
+        would, and this says so once per call.
+        """
+        logger.warning(
+            "push_to_hub uploads, besides the DP-trained weights, the model card's training-data SHA-256 and "
+            "dp_state.json%s, which the differential-privacy guarantee does not cover. If the training data is "
+            "sensitive, push a copy of the folder without them (and remove the hash row from README.md).",
+            " and trainer_state.json (the training logs)"
+            if self.args.hub_strategy in ("checkpoint", "all_checkpoints")
+            else "",
+        )
+        return super().push_to_hub(*args, **kwargs)
+
     def dp_training_summary(self) -> DPTrainingSummary:
         """The facts of the run that the model card discloses."""
         args = self.args
@@ -787,6 +864,7 @@ class DPTrainer(Trainer):
         mask = inputs.pop(EXAMPLE_MASK_KEY, None)
         if mask is None:
             raise RuntimeError("DPTrainer.training_step received a batch that did not come from the DP sampler.")
+        self._dp_last_mask = mask  # for include_num_input_tokens_seen: padding slots are not tokens seen
         check_rows(inputs, mask.shape[0])  # one row per example, or the per-row clipping is not per example
         module = self.accelerator.unwrap_model(model)  # bypass DDP: the engine reduces clipped sums itself
         module.train()
@@ -812,6 +890,8 @@ class DPTrainer(Trainer):
             norms = self.dp_engine.backward(per_example, part_mask)
             self._record_norms(norms, part_mask)
             loss_sum += per_example.detach().sum()
+        if args.torch_empty_cache_steps is not None and self.state.global_step % args.torch_empty_cache_steps == 0:
+            clear_device_cache()  # as the HF training_step does
         self._dp_micro_steps += 1
         if self.accelerator.sync_gradients:
             if self._dp_micro_steps != args.gradient_accumulation_steps:
@@ -823,6 +903,19 @@ class DPTrainer(Trainer):
         # sum of per-sequence losses / expected batch share of this process: the HF loop sums this over micro-steps
         # and averages over processes, giving (sum over the logical batch) / logical_batch_size.
         return loss_sum / (args.logical_batch_size / args.world_size)
+
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        """Counts the tokens of the sampled sequences only (not the masked padding slots of truncated Poisson)."""
+        mask = self._dp_last_mask
+        if self.args.include_num_input_tokens_seen != "no" and mask is not None and not bool(mask.all()):
+            rows = mask.to(torch.bool)
+            inputs = {
+                key: value[rows.to(value.device)]
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == rows.shape[0]
+                else value
+                for key, value in inputs.items()
+            }
+        super()._track_num_input_tokens(inputs)
 
     def _record_norms(self, norms: torch.Tensor, mask: torch.Tensor) -> None:
         """Accumulates (examples, sum of norms, clipped examples) on the device; synced only when logging."""

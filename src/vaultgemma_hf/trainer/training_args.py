@@ -300,11 +300,20 @@ class DPTrainingArguments(TrainingArguments):
                 f"by the DP sampler (sampling={self.sampling!r}). Leave it at its default."
             )
         if self.auto_find_batch_size:
-            raise ValueError("auto_find_batch_size is not supported by DPTrainer; set per_device_train_batch_size.")
+            raise ValueError(
+                "auto_find_batch_size is not supported by DPTrainer: after an out-of-memory error it restarts the "
+                "training loop with a smaller batch, in the middle of a logical DP step. per_device_train_batch_size "
+                "only sets the micro-batch (memory), never the privacy analysis: set it directly."
+            )
         if self.torch_compile:
-            raise ValueError("torch_compile is not supported by DPTrainer's per-sample gradient hooks.")
+            raise ValueError(
+                "torch_compile is not supported by DPTrainer: the DP engine clips per sequence with module hooks "
+                "that a compiled graph does not run, so the per-sequence gradients could not be recorded."
+            )
         if self.deepspeed or self.fsdp:
             raise ValueError("DPTrainer supports one device or DDP (torchrun/accelerate); DeepSpeed and FSDP are not.")
+        self._validate_parallelism()
+        self._validate_optimizer()
         if getattr(self, "activation_checkpointing", False) or getattr(self, "gradient_checkpointing", False):
             raise ValueError(
                 "activation (gradient) checkpointing is not supported: the DP engine records each module's forward "
@@ -314,11 +323,66 @@ class DPTrainingArguments(TrainingArguments):
             raise ValueError("neftune_noise_alpha is not supported by DPTrainer (it hooks the embedding forward).")
         if getattr(self, "use_liger_kernel", False):
             raise ValueError("use_liger_kernel is not supported: DPTrainer needs the logits for per-sequence losses.")
+        if self.dataloader_drop_last:
+            logger.warning(
+                "dataloader_drop_last=True has no effect on DPTrainer's training batches: every logical step is one "
+                "Poisson (or shuffled) draw of logical_batch_size sequences in expectation, and none is dropped (the "
+                "accountant counts every step). It still applies to evaluation dataloaders."
+            )
+        if self.data_seed is not None:
+            logger.warning(
+                "data_seed=%s is not used to draw DPTrainer's training batches: they are sampled with fresh OS "
+                "entropy on every run (or from seed with deterministic_noise_for_testing, testing only), so the "
+                "batches are not reproducible from data_seed.",
+                self.data_seed,
+            )
         if self.gradient_accumulation_steps > self.logical_batch_size:
             logger.warning(
                 "gradient_accumulation_steps=%d > logical_batch_size=%d: most micro-steps will be empty.",
                 self.gradient_accumulation_steps,
                 self.logical_batch_size,
+            )
+
+    def _validate_parallelism(self) -> None:
+        """Refuses an accelerate `ParallelismConfig` that splits one sequence or one model over several devices.
+
+        Context / sequence parallelism give each device a slice of every sequence and tensor parallelism a slice of
+        every layer; each device would then clip its own partial per-sequence gradient to C, so one sequence could
+        contribute up to (number of devices) x C (the sensitivity the noise is calibrated to is C). Sharded data
+        parallelism (`dp_shard_size`) is FSDP. Only replicated data parallelism (DDP) is supported.
+        """
+        config = self.parallelism_config
+        if config is None:
+            return
+        split = {
+            name: int(getattr(config, name, 1) or 1)
+            for name in ("tp_size", "cp_size", "sp_size", "dp_shard_size")
+            if int(getattr(config, name, 1) or 1) > 1
+        }
+        if split:
+            sizes = ", ".join(f"{name}={size}" for name, size in split.items())
+            raise ValueError(
+                f"parallelism_config with {sizes} is not supported by DPTrainer: tensor, context and sequence "
+                "parallelism give each device a slice of every layer or sequence, so each device would clip its "
+                "own partial per-sequence gradient to C and one sequence could contribute several times C (the "
+                "noise is calibrated to C); dp_shard_size is FSDP. Use replicated data parallelism (DDP) only."
+            )
+
+    def _validate_optimizer(self) -> None:
+        """Refuses optimizers that update the weights during backward, before clipping and noise.
+
+        LOMO / AdaLomo fuse the update into the backward pass, and the layer-wise GaLore / APOLLO variants step
+        each parameter from a hook that fires when autograd accumulates its gradient. DPTrainer writes the clipped,
+        noised gradient after the backward passes of a whole logical step and then calls `optimizer.step()`, so
+        these optimizers would either update with raw, unclipped, un-noised gradients or never see the DP gradient.
+        """
+        optim = str(getattr(self.optim, "value", self.optim)).lower()
+        if optim in ("lomo", "adalomo") or optim.endswith("layerwise"):
+            raise ValueError(
+                f"optim={optim!r} is not supported by DPTrainer: it updates the weights during the backward pass "
+                "(fused or layer-wise per-parameter hooks), from the raw per-batch gradient, before DPTrainer has "
+                "clipped each sequence's gradient and added the noise; the update would not be differentially "
+                "private (or would ignore the DP gradient). Use an optimizer that steps on .grad, e.g. adamw_torch."
             )
 
     # ---------------------------------------------------------------------------------------------- helpers
