@@ -383,3 +383,14 @@ def test_audit_on_training_data_and_bad_settings(tiny_kwargs):
     )
     with pytest.raises(ValueError, match="both included and held-out"):
         run_privacy_audit(model, lopsided)
+
+
+@pytest.mark.parametrize("verdict_case", ["consistent", "violation", "not_comparable"])
+def test_verdicts_print_the_claimed_epsilon_rounded_up(verdict_case):
+    """The claim is printed as the model card prints it (rounded up: 7.98501 -> 7.986, never 7.985)."""
+    from vaultgemma_hf.privacy_eval.audit import _verdict
+
+    refuted = verdict_case == "violation"
+    sampling = "shuffle" if verdict_case == "not_comparable" else "poisson"
+    verdict, text = _verdict(0.5, refuted, 7.98501, 1e-5, 0.05, sampling)
+    assert verdict == verdict_case and "7.986" in text and "7.985" not in text

@@ -25,6 +25,7 @@ from typing import Any
 from vaultgemma_hf.cli._io import TORCH_DTYPE_NAMES, UsageError, atomic_output, boolean, dtype_name
 from vaultgemma_hf.cli._io import positive_int as _positive_int
 from vaultgemma_hf.cli._resolve import DEVICE_CHOICES, _check_output_path, _resolve_device, _resolve_pretrained
+from vaultgemma_hf.numbers import round_up
 
 
 def _non_negative_int(text: str) -> int:
@@ -231,7 +232,9 @@ def _claim(where: Path, state: dict[str, Any], epsilon: float | None, delta: flo
                 raise UsageError(f"{where}: cannot recompute ε at --delta {delta}: {err}") from None
             if not epsilon > 0:
                 raise UsageError(f"{where}: the saved accountant has taken no DP step, there is nothing to audit.")
-            print(f"Claimed ε at δ={delta:g} recomputed from the saved accountant: {epsilon:.4g}.", file=sys.stderr)
+            print(
+                f"Claimed ε at δ={delta:g} recomputed from the saved accountant: {round_up(epsilon)}.", file=sys.stderr
+            )
         delta = saved_delta if delta is None else delta
     elif delta is None:
         delta = 1e-5

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vaultgemma_hf.numbers import round_up
 from vaultgemma_hf.privacy_eval.canaries import CanarySet, check_canaries_fit
 from vaultgemma_hf.privacy_eval.extraction import extraction_test
 from vaultgemma_hf.privacy_eval.scoring import sequence_log_perplexity
@@ -123,18 +124,18 @@ def _verdict(
         return "non_private", f"The model claims no guarantee; {bound}."
     if sampling == "shuffle":
         return "not_comparable", (
-            f"Not comparable: the claimed ε = {claimed_epsilon:.4g} is for shuffled batches under zero-out adjacency, "
+            f"Not comparable: the claimed ε = {round_up(claimed_epsilon)} is for shuffled batches under zero-out adjacency, "
             f"while including or leaving out a canary is add/remove adjacency; {bound}."
         )
     if refuted:
         return "violation", (
-            f"VIOLATION: at {confidence} confidence the model is not ({claimed_epsilon:.4g}, {delta:g})-DP "
+            f"VIOLATION: at {confidence} confidence the model is not ({round_up(claimed_epsilon)}, {delta:g})-DP "
             f"(empirical lower bound ε ≥ {epsilon_lower_bound:.4g}). The training did not deliver its claimed "
             "guarantee."
         )
     return "consistent", (
         f"Consistent with the claim: the empirical lower bound ε ≥ {epsilon_lower_bound:.4g} does not exceed the "
-        f"claimed ε = {claimed_epsilon:.4g} (δ={delta:g}, {confidence} confidence). An audit can refute a guarantee, "
+        f"claimed ε = {round_up(claimed_epsilon)} (δ={delta:g}, {confidence} confidence). An audit can refute a guarantee, "
         "not prove it."
     )
 

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from vaultgemma_hf.atomic_files import atomic_write_text
+from vaultgemma_hf.numbers import round_up
 from vaultgemma_hf.privacy_eval.audit import AuditReport
 
 __all__ = [
@@ -33,7 +34,7 @@ def render_audit_section(report: AuditReport) -> str:
     """Markdown for the audit results (markers included)."""
     canaries = report.canaries
     mia, one_run, exposure = canaries["membership_inference"], canaries["one_run"], canaries["exposure"]
-    claimed = "none" if report.claimed_epsilon is None else f"{report.claimed_epsilon:.4g}"
+    claimed = "none" if report.claimed_epsilon is None else round_up(report.claimed_epsilon)
     rows = [
         ("Verdict", report.verdict_text),
         ("Claimed ε (δ)", f"{claimed} ({report.delta:g})"),
