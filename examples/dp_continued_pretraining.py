@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import vaultgemma_hf  # noqa: F401  (registers VaultGemma with the Auto classes)
 from vaultgemma_hf.data import DataCollatorForPackedSequences, pack_documents, read_documents
+from vaultgemma_hf.numbers import round_up  # printed ε never below the computed one
 from vaultgemma_hf.trainer import DPTrainer, DPTrainingArguments
 
 
@@ -91,7 +92,7 @@ def main() -> None:
     trainer.save_model()
     print(
         f"noise multiplier {trainer.noise_multiplier:.4g}, sampling rate {trainer.sampling_rate:.4g}, "
-        f"{trainer.privacy_accountant.steps} steps: epsilon = {trainer.get_epsilon():.4g} at delta = "
+        f"{trainer.privacy_accountant.steps} steps: epsilon = {round_up(trainer.get_epsilon())} at delta = "
         f"{trainer.target_delta:.3g}. Model and model card in {args.output_dir}/"
     )
 

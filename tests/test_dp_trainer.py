@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 from vaultgemma_hf.data.packing import DataCollatorForPackedSequences, PackedDataset, pack_documents
 from vaultgemma_hf.dp.engine import DPGradientEngine
 from vaultgemma_hf.dp.sampling import PAD_INDEX, DPBatchSampler, fresh_generator
+from vaultgemma_hf.numbers import round_up
 from vaultgemma_hf.planning import default_delta as planning_default_delta
 from vaultgemma_hf.trainer import DP_STATE_NAME, DPTrainer, DPTrainingArguments
 from vaultgemma_hf.trainer.dp_trainer import deterministic_seeds
@@ -379,7 +380,7 @@ def test_progress_bar_shows_the_current_epsilon(tmp_path, tiny_kwargs, capsys):
     assert steps[:3] == [1, 2, 3] and set(steps) == {1, 2, 3}  # each step's log (+ the final train_loss one)
     for step, postfix, epsilon in recorder.seen:
         assert epsilon == pytest.approx(poisson_pld_epsilon(2.0, q, step), rel=1e-9)
-        assert postfix == f"epsilon={epsilon:.4g}", (step, postfix)
+        assert postfix == f"epsilon={round_up(epsilon)}", (step, postfix)  # rounded up, as the card
     # and what was written to the terminal: the bar's last frame carries the final epsilon as its postfix
     final = f"epsilon={trainer.get_epsilon():.4g}"
     frames = capsys.readouterr().err.replace("\r", "\n").splitlines()

@@ -12,6 +12,7 @@ import pytest
 from vaultgemma_hf.cli.main import main
 from vaultgemma_hf.data import read_documents
 from vaultgemma_hf.data.packing import pack_documents
+from vaultgemma_hf.numbers import round_up
 from vaultgemma_hf.planning.planner import PLAN_FORMAT, PLAN_FORMAT_VERSION
 from vaultgemma_hf.trainer import DP_STATE_NAME, DPTrainer, DPTrainingArguments
 
@@ -81,7 +82,7 @@ def test_train_command_end_to_end(tmp_path, tiny_model_dir, corpus, capsys):
     card = (out / "README.md").read_text()
     assert "`model.embed_tokens.weight`" in card and "one training sequence of 32 tokens" in card
     assert (out / "model.safetensors").is_file()
-    assert f"epsilon={state['epsilon']:.4g}" in captured.out
+    assert f"epsilon={round_up(state['epsilon'])}" in captured.out  # rounded up, as the model card
 
 
 @pytest.mark.parametrize(

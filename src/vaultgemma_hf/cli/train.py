@@ -24,6 +24,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from vaultgemma_hf.numbers import round_up
 from vaultgemma_hf.trainer.training_args import DPTrainingArguments
 
 
@@ -159,6 +160,6 @@ def _train(data_args: TrainDataArguments, training_args: DPTrainingArguments) ->
     epsilon = trainer.get_epsilon()
     print(
         f"Trained {trainer.privacy_accountant.steps} DP steps on {len(train_dataset)} sequences; "
-        f"epsilon={epsilon:.4g} at delta={trainer.target_delta:.3g}. Saved to {training_args.output_dir}."
+        f"epsilon={round_up(epsilon)} at delta={round_up(trainer.target_delta, 3)}. Saved to {training_args.output_dir}."
     )
     return 0

@@ -53,6 +53,7 @@ except ImportError:  # pragma: no cover - older accelerate
 from vaultgemma_hf.atomic_files import atomic_write_text
 from vaultgemma_hf.data.packing import check_sequence_length, group_indices_by_user, token_ids_sha256
 from vaultgemma_hf.dp.sampling import DPBatchSampler, fresh_generator, sampling_rate, steps_per_epoch
+from vaultgemma_hf.numbers import round_up
 from vaultgemma_hf.trainer.batching import EXAMPLE_MASK_KEY, MaskedCollator, MaskedDataset, check_rows, slice_batch
 from vaultgemma_hf.trainer.losses import IGNORE_INDEX, per_example_causal_lm_loss
 from vaultgemma_hf.trainer.model_card import DPTrainingSummary, write_model_card
@@ -990,7 +991,7 @@ class DPCallback(TrainerCallback):
             for callback in self.trainer.callback_handler.callbacks:
                 bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
                 if bar is not None:
-                    bar.set_postfix(epsilon=f"{logs['epsilon']:.4g}", refresh=False)
+                    bar.set_postfix(epsilon=round_up(logs["epsilon"]), refresh=False)
         return control
 
 
