@@ -1,7 +1,8 @@
 """Time and peak memory of one training step: non-private AdamW vs DP-SGD with `DPGradientEngine` (and Opacus).
 
 All variants run in the same process on the same shape, one after the other, each on a freshly built model (same
-seed), with warm-up steps before the timed ones. Two cases:
+seed), with warm-up steps before the timed ones; the non-private baseline runs again last (``nonprivate#2``: its
+ratio to the first shows drift over the case). Two cases:
 
 * ``full``: every parameter trainable, tied input embedding / LM head included (Opacus cannot run this case);
 * ``frozen``: embeddings and norms frozen; Opacus 1.6 (hooks and ghost clipping) is added when installed.
@@ -104,7 +105,7 @@ def make_step(mode: str, model: torch.nn.Module, args: argparse.Namespace) -> tu
     opt = torch.optim.AdamW(params, lr=1e-5)
     C, sigma, B = 1e-2, 1.0, args.batch
 
-    if mode == "nonprivate":
+    if mode.startswith("nonprivate"):
 
         def step(batch):
             with autocast(args):
@@ -213,8 +214,16 @@ def _release_freed_memory_at_once() -> None:
         libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
 
 
+def free_memory(device: torch.device) -> None:
+    """Collects what an earlier variant left (reference cycles through hooks, a failed variant's frames)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def run_mode(mode: str, case: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
+    free_memory(device)
     base_rss = _RssSampler.rss()
     model = build_model(args.shape, args.model, device, args.seq_len, args.layers)
     if case == "frozen":
@@ -249,13 +258,13 @@ def run_mode(mode: str, case: str, args: argparse.Namespace) -> dict:
     # CPU: RSS above what the process held before this variant built its model (model + optimizer + step)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sampler.peak - base_rss
     cleanup()
-    del model, step, batches
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    attn = f"{type(model).__module__.split('.')[0]} {model.config._attn_implementation}"
+    del model, step, cleanup, batches
+    free_memory(device)
     return {
         "case": case,
         "mode": mode,
+        "model": attn,
         "time_s": statistics.median(times),
         "min_time_s": min(times),
         "peak_gib": peak / 2**30,
@@ -304,16 +313,19 @@ def main(argv: list[str] | None = None) -> int:
     elif args.clock == "process":
         parser.error("--clock process is for --device cpu")
     try:
-        import opacus  # noqa: F401
+        import opacus
 
         have_opacus = not args.no_opacus
-    except ImportError:
+        print(f"opacus {opacus.__version__}" + (" (skipped: --no-opacus)" if args.no_opacus else ""))
+    except ImportError as err:
         have_opacus = False
+        print(f"opacus not importable, its rows are skipped: {err}")
 
     results = []
     for case in [c.strip() for c in args.cases.split(",") if c.strip()]:
         modes = ["nonprivate", "dp"] + (["dp_inexact"] if args.dp_inexact else [])
         modes += ["opacus_hooks", "opacus_ghost"] if case == "frozen" and have_opacus else []
+        modes += ["nonprivate#2"]  # the baseline again, last: its ratio to the first shows drift (order bias)
         for mode in modes:
             try:
                 res = run_mode(mode, case, args)
@@ -327,16 +339,18 @@ def main(argv: list[str] | None = None) -> int:
                 res["time_ratio"] = res["time_s"] / base["time_s"]
                 res["mem_ratio"] = res["peak_gib"] / base["peak_gib"]
             print(_format(res), flush=True)
+            if args.json:  # after every row, so that a run cut short still leaves its JSON
+                args.json.write_text(
+                    json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results})
+                )
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(
         f"\n{device_name}, torch {torch.__version__}, shape={args.shape}"
         f"{'' if args.layers is None else f' with {args.layers} layers'}, batch={args.batch}, "
         f"seq_len={args.seq_len}, dtype={args.dtype}, {args.clock} clock, median of {args.repeats} after "
-        f"{args.warmup} warm-up"
+        f"{args.warmup} warm-up, model {next((r['model'] for r in results if 'model' in r), '?')} attention"
     )
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}))
     return 0
 
 

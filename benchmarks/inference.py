@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vaultgemma_hf import VaultGemmaConfig, VaultGemmaForCausalLM  # noqa: E402
 from vaultgemma_hf.generation import CompiledGreedyDecoder  # noqa: E402
 
-from _common import config_kwargs, hardware, markdown_table, timed_interleaved  # noqa: E402
+from _common import config_kwargs, hardware, markdown_table, synchronize, timed_interleaved  # noqa: E402
 
 
 def build_models(shape: str, device: torch.device, dtype: torch.dtype):
@@ -39,7 +39,35 @@ def build_models(shape: str, device: torch.device, dtype: torch.dtype):
             .eval()
         )
     ref.load_state_dict(ours.state_dict())
+    # The comparison is ours on SDPA vs the built-in on eager attention, same dtype: refuse to measure anything else.
+    impls = (ours.config._attn_implementation, ref.config._attn_implementation)
+    assert impls == ("sdpa", "eager"), f"attention implementations {impls}, expected ('sdpa', 'eager')"
+    assert {p.dtype for p in (*ours.parameters(), *ref.parameters())} == {dtype}
     return ours, ref
+
+
+def expect_length(out: torch.Tensor, length: int) -> None:
+    """Every timed generation must produce exactly `length` tokens per row (no early stop at EOS)."""
+    if out.shape[1] != length:
+        raise RuntimeError(f"generated {out.shape[1]} tokens per row, expected {length}")
+
+
+def dynamo_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) so far in this process: shows that a compiled path did compile."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+
+
+def first_call(fn, device: torch.device) -> str:
+    """Runs `fn` once (the compiling call) and describes its time and what dynamo compiled."""
+    graphs, breaks = dynamo_counts()
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    graphs2, breaks2 = dynamo_counts()
+    return f"{elapsed:.0f} s, {graphs2 - graphs} graphs, {breaks2 - breaks} breaks"
 
 
 def main() -> int:
@@ -87,11 +115,19 @@ def main() -> int:
         ]
     )
 
+    length = args.prompt_len + args.new_tokens
+    # min_new_tokens = max_new_tokens: EOS is masked, every row generates exactly new_tokens.
+    gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    eager = dict(gen, disable_compile=True)  # dynamic cache, never auto-compiled
+    static = dict(gen, cache_implementation="static")  # transformers compiles this path itself on GPU
+
+    def run_generate(model, prompt, kwargs):
+        expect_length(model.generate(prompt, **kwargs), length)
+
     for batch in (int(b) for b in args.decode_batches.split(",")):
         prompt = torch.randint(3, vocab, (batch, args.prompt_len), device=device)
-        gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
         times = timed_interleaved(
-            {name: (lambda m=model, p=prompt, g=gen: m.generate(p, **g)) for name, model in models.items()},
+            {name: (lambda m=model, p=prompt: run_generate(m, p, eager)) for name, model in models.items()},
             device,
             repeats=args.repeats,
             warmup=1,
@@ -107,26 +143,24 @@ def main() -> int:
         )
         if args.no_compile:
             continue
-        decoder = CompiledGreedyDecoder(ours, max_cache_len=args.prompt_len + args.new_tokens)
-        start = time.perf_counter()
-        decoder.generate(prompt, args.new_tokens)  # compiles
-        first_ours = time.perf_counter() - start
-        static = dict(gen, cache_implementation="static")
-        start = time.perf_counter()
-        ref.generate(prompt, **static)  # transformers compiles its static path itself on GPU
-        first_ref = time.perf_counter() - start
+        decoder = CompiledGreedyDecoder(ours, max_cache_len=length)
+
+        def run_ours(d=decoder, p=prompt):
+            expect_length(d.generate(p, args.new_tokens), length)
+
+        def run_ref(p=prompt):
+            run_generate(ref, p, static)
+
+        first_ours, first_ref = first_call(run_ours, device), first_call(run_ref, device)
         times = timed_interleaved(
-            {
-                "ours": lambda d=decoder, p=prompt: d.generate(p, args.new_tokens),
-                "built-in": lambda p=prompt, g=static: ref.generate(p, **g),
-            },
+            {"ours": run_ours, "built-in": run_ref},
             device,
             repeats=args.repeats,
             warmup=1,
         )
         add_row(
             [
-                f"decode batch {batch}, static cache + compile (first call ours {first_ours:.0f} s, built-in {first_ref:.0f} s)",
+                f"decode batch {batch}, static cache + compile (first call ours {first_ours}; built-in {first_ref})",
                 f"{new / times['ours']:,.1f}",
                 f"{new / times['built-in']:,.1f}",
                 f"{times['built-in'] / times['ours']:.2f}x",
