@@ -155,6 +155,13 @@ def test_audit_commands_refuse_bad_input_and_write_nothing(tmp_path, tiny_model_
     assert main(["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(canaries), "--output",
                  str(canaries)]) == 2  # fmt: skip
     assert "would overwrite the canary file" in capsys.readouterr().err and load_canaries(canaries)
+    for name in ("README.md", "config.json"):  # e.g. --output <model>/README.md with --write-model-card
+        target = tiny_model_dir / name
+        before = target.read_bytes() if target.exists() else None
+        argv = ["audit", "run", "--model", str(tiny_model_dir), "--canaries", str(canaries), "--output", str(target)]
+        assert main([*argv, "--write-model-card"]) == 2
+        assert "would overwrite a file of the audited model" in capsys.readouterr().err
+        assert (target.read_bytes() if target.exists() else None) == before
 
 
 @pytest.fixture

@@ -294,6 +294,9 @@ def run_audit(args: argparse.Namespace) -> int:
             if args.reference_model
             else None
         )
+        protected = [Path(model_dir) / name for name in ("README.md", DP_STATE_NAME, "config.json")]
+        if args.output and any(Path(args.output).resolve() == path.resolve() for path in protected):
+            raise UsageError(f"--output {args.output} would overwrite a file of the audited model; write elsewhere.")
         if args.write_model_card:  # checked before hours of scoring, not after
             from vaultgemma_hf.privacy_eval.model_card import check_model_card
 

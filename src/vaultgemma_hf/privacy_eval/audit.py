@@ -110,7 +110,7 @@ def expected_exposure_without_memorisation(num_references: int) -> float:
 
 def _verdict(
     epsilon_lower_bound: float,
-    refuted: bool,
+    refuted: bool | None,
     claimed_epsilon: float | None,
     delta: float,
     significance: float,
@@ -222,13 +222,16 @@ def run_privacy_audit(
         for k in ks
     ]
     best = max(audits, key=lambda a: a.epsilon_lower_bound)
+    # None where the test cannot refute the claim: no claim, a non-private run (ε = ∞), or a zero-out (shuffle)
+    # claim that this add/remove test does not address. The JSON then never says "refuted" beside "not_comparable".
+    comparable = claimed_epsilon is not None and math.isfinite(claimed_epsilon) and sampling != "shuffle"
     refuted = (
-        claimed_epsilon is not None
-        and math.isfinite(claimed_epsilon)
-        and any(
+        any(
             one_run_p_value(a.num_canaries, a.num_guesses, a.num_correct, claimed_epsilon, delta) <= per_k_significance
             for a in audits
         )
+        if comparable
+        else None
     )
 
     num_references, ref_logppl = int((~is_member).sum()), logppl[~is_member]

@@ -52,7 +52,7 @@ def render_audit_section(report: AuditReport) -> str:
         (
             "TPR at FPR 10% / 1% / 0.1%",
             " / ".join(_pct(mia["tpr_at_fpr"][level]) for level in ("0.1", "0.01", "0.001"))
-            + " (n/a: fewer held-out canaries than 1/FPR)",
+            + (" (n/a: fewer held-out canaries than 1/FPR)" if None in mia["tpr_at_fpr"].values() else ""),
         ),
         (
             "Canary exposure (mean / max, bits)",
