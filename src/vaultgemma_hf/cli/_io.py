@@ -41,11 +41,14 @@ def positive_float(text: str) -> float:
 
 
 def boolean(text: str) -> bool:
-    """argparse type for a true/false value (`--cross-document-boundaries false`), spelled as in `train`."""
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return value
+    """argparse type for a true/false value (`--cross-document-boundaries false`), parsed as `train` parses it.
+
+    `train`'s flags come from `HfArgumentParser`, whose bool type is transformers' `string_to_bool`; the same function
+    serves here (imported when a value is parsed, so `--help` does not load transformers).
+    """
+    from transformers.hf_argparser import string_to_bool
+
+    return string_to_bool(text)
 
 
 TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short -> torch name

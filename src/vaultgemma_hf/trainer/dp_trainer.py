@@ -34,21 +34,12 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from accelerate.utils.memory import clear_device_cache  # what the HF Trainer uses for torch_empty_cache_steps
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
-
-try:  # accelerate >= 0.33; the HF Trainer uses the same helper for torch_empty_cache_steps
-    from accelerate.utils.memory import clear_device_cache
-except ImportError:  # pragma: no cover - older accelerate
-
-    def clear_device_cache() -> None:
-        """Empties the CUDA cache (fallback of accelerate's helper)."""
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
 
 from vaultgemma_hf.atomic_files import atomic_write_text
 from vaultgemma_hf.data.packing import check_sequence_length, group_indices_by_user, token_ids_sha256
